@@ -1,0 +1,42 @@
+#!lua
+--[[
+ack: delete entries whose publish RabbitMQ confirmed.
+
+Atomic: each entry is deleted only when the caller's token is its current lease
+token, so a drainer whose lease expired or was taken over changes nothing.
+
+KEYS[1]  leased    zset  entry id -> lease deadline (ms)
+KEYS[2]  tokens    hash  entry id -> token of the current lease
+KEYS[3]  payloads  hash  entry id -> raw entry
+KEYS[4]  attempts  hash  entry id -> number of claims so far
+KEYS[5]  errors    hash  entry id -> last failure
+ARGV[1], ARGV[2]  id_1, token_1  string, string  first entry and the token of its lease
+ARGV[3], ARGV[4]  id_2, token_2  ... one pair per entry
+
+Returns: {status_1, status_2, ...} one int per pair, in order
+  1  acknowledged and deleted
+  0  not acknowledged: the token is not the current one (stale, released or already done)
+]]
+
+local leased_key = KEYS[1]
+local tokens_key = KEYS[2]
+local payloads_key = KEYS[3]
+local attempts_key = KEYS[4]
+local errors_key = KEYS[5]
+
+local statuses = {}
+for index = 1, #ARGV, 2 do
+  local id = ARGV[index]
+  local token = ARGV[index + 1]
+  if redis.call('HGET', tokens_key, id) == token then
+    redis.call('ZREM', leased_key, id)
+    redis.call('HDEL', tokens_key, id)
+    redis.call('HDEL', payloads_key, id)
+    redis.call('HDEL', attempts_key, id)
+    redis.call('HDEL', errors_key, id)
+    statuses[#statuses + 1] = 1
+  else
+    statuses[#statuses + 1] = 0
+  end
+end
+return statuses

@@ -1,0 +1,46 @@
+#!lua
+--[[
+requeue: give dead letters back to the drainers with a fresh attempt count.
+
+Atomic per call: each entry is scheduled in the leased set as due at once, without
+an owner, before it leaves the dead letters, so the next claim takes it first and
+it keeps its id. Without ids, the oldest dead letters are taken, at most limit;
+callers repeat until the reply is 0 to requeue everything.
+
+KEYS[1]  leased    zset  entry id -> lease deadline (ms)
+KEYS[2]  attempts  hash  entry id -> number of claims so far
+KEYS[3]  errors    hash  entry id -> last failure or dead-letter reason
+KEYS[4]  dead      zset  entry id -> time it was dead-lettered (ms)
+ARGV[1]  limit  int     maximum entries to requeue when no ids are given, 1..10000
+ARGV[2]  id_1   string  optional: entries to requeue; ids that are not dead letters are skipped
+ARGV[3]  id_2   ...
+
+Returns: int  number of entries requeued
+]]
+
+local leased_key = KEYS[1]
+local attempts_key = KEYS[2]
+local errors_key = KEYS[3]
+local dead_key = KEYS[4]
+local limit = tonumber(ARGV[1])
+
+local ids = {}
+if #ARGV > 1 then
+  for index = 2, #ARGV do
+    ids[#ids + 1] = ARGV[index]
+  end
+else
+  ids = redis.call('ZRANGE', dead_key, 0, limit - 1)
+end
+
+local requeued = 0
+for _, id in ipairs(ids) do
+  if redis.call('ZSCORE', dead_key, id) then
+    redis.call('ZADD', leased_key, 0, id)
+    redis.call('HSET', attempts_key, id, 0)
+    redis.call('HDEL', errors_key, id)
+    redis.call('ZREM', dead_key, id)
+    requeued = requeued + 1
+  end
+end
+return requeued

@@ -1,0 +1,228 @@
+"""Domain events and commands, and their JSON wire format.
+
+The body of every published message is petisco's::
+
+    {"data": {"id", "type", "type_message", "version", "occurred_on", "attributes", "meta"}}
+
+where ``type`` is the dotted snake name (``user.created``), ``type_message`` is
+``domain_event`` or ``command`` and ``occurred_on`` is UTC ``YYYY-MM-DD HH:MM:SS.ffffff``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, ClassVar, TypeVar
+
+import msgspec
+
+from outbox.errors import MessageEncodeError, RecordDecodeError
+from outbox.naming import MessageKind, message_name
+
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+CONTENT_TYPE = "application/json"
+
+_TYPE_MESSAGE: dict[MessageKind, str] = {"event": "domain_event", "command": "command"}
+_KIND_OF_TYPE_MESSAGE: dict[str, MessageKind] = {v: k for k, v in _TYPE_MESSAGE.items()}
+
+M = TypeVar("M", bound="Message")
+
+
+def new_message_id() -> str:
+    """Return a random UUID4 string, the id petisco gives messages."""
+    return str(uuid.uuid4())
+
+
+def utc_now() -> datetime:
+    """Return the current time as an aware UTC datetime."""
+    return datetime.now(timezone.utc)
+
+
+class Message(msgspec.Struct, kw_only=True):
+    """Base of :class:`DomainEvent` and :class:`Command`.
+
+    Subclasses declare their attributes as msgspec fields. ``version`` and ``name`` are
+    class-level: set ``version: ClassVar[int] = 2`` to publish a new version, and ``name``
+    only to override the name derived from the class name.
+    """
+
+    id: str = msgspec.field(default_factory=new_message_id)
+    occurred_on: datetime = msgspec.field(default_factory=utc_now)
+    meta: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    version: ClassVar[int] = 1
+    name: ClassVar[str] = ""
+    kind: ClassVar[MessageKind]
+
+    _registry: ClassVar[dict[tuple[MessageKind, str], type[Message]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            cls.name = message_name(cls.__name__)
+        if cls.__name__ not in ("DomainEvent", "Command") and hasattr(cls, "kind"):
+            Message._registry[(cls.kind, cls.name)] = cls
+
+    def with_meta(self: M, **meta: Any) -> M:
+        """Return a copy whose ``meta`` also holds ``meta``; the id stays the same."""
+        return msgspec.structs.replace(self, meta={**self.meta, **meta})
+
+    def attributes(self) -> dict[str, Any]:
+        """Return the message's own fields as JSON-ready values."""
+        names = [f for f in self.__struct_fields__ if f not in _ENVELOPE_FIELDS]
+        values = {name: getattr(self, name) for name in names}
+        return msgspec.to_builtins(values, enc_hook=_reject_unknown, builtin_types=(datetime,))
+
+
+_ENVELOPE_FIELDS = frozenset({"id", "occurred_on", "meta"})
+
+
+class DomainEvent(Message, kw_only=True):
+    """Something that happened; published with ``RabbitMqDomainEventBus.publish``."""
+
+    kind: ClassVar[MessageKind] = "event"
+
+
+class Command(Message, kw_only=True):
+    """A request to do something; sent with ``RabbitMqCommandBus.dispatch``."""
+
+    kind: ClassVar[MessageKind] = "command"
+
+
+class UnknownMessage(msgspec.Struct, kw_only=True):
+    """A decoded message whose type has no registered class."""
+
+    id: str
+    kind: MessageKind
+    name: str
+    version: int
+    occurred_on: datetime
+    attributes: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def _reject_unknown(value: Any) -> Any:
+    raise NotImplementedError(f"cannot encode {type(value).__name__} {value!r}")
+
+
+def format_time(moment: datetime) -> str:
+    """Format a datetime as petisco does, converting aware datetimes to UTC first."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc)
+    return moment.strftime(TIME_FORMAT)
+
+
+_INT64_MIN = -(2**63)
+_UINT64_MAX = 2**64 - 1
+
+
+def _wire_value(value: Any, path: str) -> Any:
+    """Format datetimes as petisco does and reject integers most JSON consumers cannot read."""
+    if isinstance(value, datetime):
+        return format_time(value)
+    if isinstance(value, dict):
+        return {key: _wire_value(item, f"{path}.{key}") for key, item in value.items()}
+    if isinstance(value, list):
+        return [_wire_value(item, f"{path}[{index}]") for index, item in enumerate(value)]
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not _INT64_MIN <= value <= _UINT64_MAX:
+            raise ValueError(f"integer {value} does not fit in 64 bits - at {path}")
+    return value
+
+
+_json_encoder = msgspec.json.Encoder()
+
+
+def encode(message: Message) -> bytes:
+    """Encode a message as its UTF-8 JSON body.
+
+    Raises MessageEncodeError, naming the message id, for values JSON cannot carry.
+    """
+    if not isinstance(message, Message) or not hasattr(message, "kind"):
+        raise MessageEncodeError(
+            f"expected a DomainEvent or Command instance, got {type(message).__name__}"
+        )
+    try:
+        data = {
+            "data": {
+                "id": message.id,
+                "type": message.name,
+                "type_message": _TYPE_MESSAGE[message.kind],
+                "version": message.version,
+                "occurred_on": format_time(message.occurred_on),
+                "attributes": _wire_value(message.attributes(), "$.data.attributes"),
+                "meta": _wire_value(
+                    msgspec.to_builtins(
+                        message.meta, enc_hook=_reject_unknown, builtin_types=(datetime,)
+                    ),
+                    "$.data.meta",
+                ),
+            }
+        }
+        return _json_encoder.encode(data)
+    except (TypeError, ValueError, OverflowError, NotImplementedError, msgspec.EncodeError) as exc:
+        raise MessageEncodeError(
+            f"cannot encode {type(message).__name__} {message.id!r} as JSON: {exc}; "
+            "use str, int (64-bit), float, bool, None, datetime, lists and dicts in attributes"
+        ) from exc
+
+
+class _Data(msgspec.Struct):
+    id: str
+    type: str
+    type_message: str
+    occurred_on: str
+    version: int = 1
+    attributes: dict[str, Any] = msgspec.field(default_factory=dict)
+    meta: dict[str, Any] | None = None
+
+
+class _Body(msgspec.Struct):
+    data: _Data
+
+
+def decode(body: bytes | str) -> Message | UnknownMessage:
+    """Decode a wire body into its registered class, or UnknownMessage when none matches.
+
+    Raises RecordDecodeError when the body is not a message in the wire format.
+    """
+    try:
+        envelope = msgspec.json.decode(body, type=_Body)
+    except msgspec.DecodeError as exc:
+        raise RecordDecodeError(f"body is not a message in the wire format: {exc}") from exc
+
+    data = envelope.data
+    kind = _KIND_OF_TYPE_MESSAGE.get(data.type_message)
+    if kind is None:
+        raise RecordDecodeError(
+            f"expected type_message 'domain_event' or 'command', got {data.type_message!r}"
+            " - at $.data.type_message"
+        )
+    try:
+        occurred_on = datetime.strptime(data.occurred_on, TIME_FORMAT).replace(tzinfo=timezone.utc)
+    except ValueError as exc:
+        raise RecordDecodeError(
+            f"expected occurred_on as {TIME_FORMAT!r}, got {data.occurred_on!r}"
+            " - at $.data.occurred_on"
+        ) from exc
+
+    meta = data.meta or {}
+    cls = Message._registry.get((kind, data.type))
+    if cls is None or cls.version != data.version:
+        return UnknownMessage(
+            id=data.id,
+            kind=kind,
+            name=data.type,
+            version=data.version,
+            occurred_on=occurred_on,
+            attributes=data.attributes,
+            meta=meta,
+        )
+    try:
+        fields = {**data.attributes, "id": data.id, "occurred_on": occurred_on, "meta": meta}
+        return msgspec.convert(fields, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        raise RecordDecodeError(
+            f"attributes of {cls.__name__} {data.id!r} do not match the class: {exc}"
+        ) from exc

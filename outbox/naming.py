@@ -1,0 +1,98 @@
+"""Exchange, routing-key and outbox-name conventions shared with petisco."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from outbox.errors import OutboxConfigError
+
+MessageKind = Literal["event", "command"]
+
+KEY_PREFIX = "outbox"
+
+# Characters that would break a hash tag, a routing-key segment or a Redis key pattern.
+_FORBIDDEN_NAME_CHARS = re.compile(r"[{}\s*?\[\]]")
+_CAMEL_BOUNDARY = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def message_name(class_name: str) -> str:
+    """Derive petisco's dotted message name from a class name: ``UserCreated`` -> ``user.created``."""
+    return _CAMEL_BOUNDARY.sub("_", class_name).lower().replace("_", ".")
+
+
+def exchange_name(organization: str, service: str) -> str:
+    """Return the topic exchange of a service: ``{organization}.{service}``."""
+    check_name_part("organization", organization)
+    check_name_part("service", service)
+    return f"{organization}.{service}"
+
+
+def routing_key(
+    organization: str, service: str, *, version: int, kind: MessageKind, name: str
+) -> str:
+    """Return ``{organization}.{service}.{version}.{event|command}.{snake_case_name}``."""
+    return f"{exchange_name(organization, service)}.{version}.{kind}.{name.replace('.', '_')}"
+
+
+def outbox_name(organization: str, service: str, kind: MessageKind) -> str:
+    """Return the outbox that stores one service's events or commands."""
+    return f"{exchange_name(organization, service)}.{kind}s"
+
+
+def check_name_part(what: str, value: str) -> None:
+    """Raise OutboxConfigError unless ``value`` can be part of exchange names and Redis keys."""
+    if not isinstance(value, str) or not value:
+        raise OutboxConfigError(f"{what} must be a non-empty string, got {value!r}")
+    if _FORBIDDEN_NAME_CHARS.search(value):
+        raise OutboxConfigError(
+            f"{what} {value!r} contains a character that is not allowed in outbox names "
+            "(braces, whitespace, '*', '?', '[' or ']'); choose a name without them"
+        )
+
+
+@dataclass(frozen=True)
+class OutboxKeys:
+    """The Redis keys of one outbox; they share the hash tag ``{name}`` so Redis Cluster
+    keeps them in one slot."""
+
+    name: str
+    pending: str
+    leased: str
+    tokens: str
+    payloads: str
+    attempts: str
+    errors: str
+    dead: str
+    sequence: str
+
+    @classmethod
+    def for_outbox(cls, name: str) -> OutboxKeys:
+        check_name_part("outbox name", name)
+        prefix = f"{KEY_PREFIX}:{{{name}}}:"
+        return cls(
+            name=name,
+            pending=prefix + "pending",
+            leased=prefix + "leased",
+            tokens=prefix + "tokens",
+            payloads=prefix + "payloads",
+            attempts=prefix + "attempts",
+            errors=prefix + "errors",
+            dead=prefix + "dead",
+            sequence=prefix + "seq",
+        )
+
+
+_KEY_PATTERN = re.compile(r"^" + KEY_PREFIX + r":\{(?P<name>[^{}]+)\}:(?P<part>[a-z]+)$")
+
+# Keys whose existence means an outbox has work or history; the others only accompany them.
+DISCOVERY_PARTS = frozenset({"pending", "leased", "dead"})
+
+
+def outbox_name_from_key(key: str) -> str | None:
+    """Return the outbox name of an outbox key, or None for any other key."""
+    match = _KEY_PATTERN.match(key)
+    if match is None or match.group("part") not in DISCOVERY_PARTS:
+        return None
+    return match.group("name")

@@ -1,0 +1,124 @@
+"""The record an outbox stores for each message: everything needed to republish it.
+
+Records are msgpack maps. petisco's Redis buses store JSON records instead
+(``{"organization", "service", "message": {"data": {...}}}``); :func:`decode_record`
+reads both and rebuilds exchange and routing key for petisco's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from outbox import messages, naming
+from outbox.errors import RecordDecodeError
+
+RECORD_FORMAT = 1
+"""Version of the record layout written by this release; newer ones are rejected."""
+
+
+class OutboxRecord(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=False):
+    """One message as stored in an outbox and republished by the drainer."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    message_id: str
+    content_type: str = messages.CONTENT_TYPE
+    type: str | None = None
+    timestamp_s: int | None = None
+    headers: dict[str, Any] | None = None
+    expiration_ms: int | None = None
+    stored_at_ms: int = 0
+    format: int = RECORD_FORMAT
+
+
+class _VersionProbe(msgspec.Struct, forbid_unknown_fields=False):
+    format: int = RECORD_FORMAT
+
+
+class _PetiscoRecord(msgspec.Struct, forbid_unknown_fields=False):
+    organization: str
+    service: str
+    message: dict[str, Any]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_record_decoder = msgspec.msgpack.Decoder(OutboxRecord)
+_probe_decoder = msgspec.msgpack.Decoder(_VersionProbe)
+_petisco_decoder = msgspec.json.Decoder(_PetiscoRecord)
+
+
+def record_for(message: messages.Message, *, organization: str, service: str) -> OutboxRecord:
+    """Build the record of a message published by a service, following petisco's conventions."""
+    return OutboxRecord(
+        exchange=naming.exchange_name(organization, service),
+        routing_key=naming.routing_key(
+            organization, service, version=message.version, kind=message.kind, name=message.name
+        ),
+        body=messages.encode(message),
+        message_id=message.id,
+        type=message.name,
+        timestamp_s=int(message.occurred_on.timestamp()),
+    )
+
+
+def encode_record(record: OutboxRecord) -> bytes:
+    """Encode a record for storage, stamping the time it was stored."""
+    if record.stored_at_ms == 0:
+        record = msgspec.structs.replace(record, stored_at_ms=int(time.time() * 1000))
+    return _encoder.encode(record)
+
+
+def decode_record(payload: bytes) -> OutboxRecord:
+    """Decode a stored entry: an outbox record, or a record written by petisco's Redis buses.
+
+    Raises RecordDecodeError with the reason when the entry is neither.
+    """
+    if not payload:
+        raise RecordDecodeError("entry is empty (0 bytes)")
+    if payload[:1] in (b"{", b" ", b"\n", b"\t", b"\r"):
+        return _decode_petisco(payload)
+    try:
+        probe = _probe_decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise RecordDecodeError(f"entry is neither an outbox record nor petisco JSON: {exc}") from exc
+    if probe.format > RECORD_FORMAT:
+        raise RecordDecodeError(
+            f"record format {probe.format} is newer than this drainer reads ({RECORD_FORMAT}); "
+            "upgrade redis-outbox where the drainer runs, then requeue the dead letter"
+        )
+    try:
+        return _record_decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise RecordDecodeError(f"entry is not a valid outbox record: {exc}") from exc
+
+
+def _decode_petisco(payload: bytes) -> OutboxRecord:
+    try:
+        record = _petisco_decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise RecordDecodeError(f"entry is not a petisco record: {exc}") from exc
+
+    body = msgspec.json.encode(record.message)
+    decoded = messages.decode(body)
+    try:
+        routing_key = naming.routing_key(
+            record.organization,
+            record.service,
+            version=decoded.version,
+            kind=decoded.kind,
+            name=decoded.name,
+        )
+    except naming.OutboxConfigError as exc:
+        raise RecordDecodeError(f"petisco record names an invalid exchange: {exc}") from exc
+    return OutboxRecord(
+        exchange=naming.exchange_name(record.organization, record.service),
+        routing_key=routing_key,
+        body=body,
+        message_id=decoded.id,
+        type=decoded.name,
+        timestamp_s=int(decoded.occurred_on.timestamp()),
+    )
