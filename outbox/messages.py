@@ -11,7 +11,6 @@ where ``type`` is the dotted snake name (``user.created``), ``type_message`` is
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, ClassVar, TypeVar
 

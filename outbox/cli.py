@@ -1,0 +1,467 @@
+"""Command lines: ``python -m outbox.drain`` and ``python -m outbox stats | dead``.
+
+Every option can also be set by an environment variable, named in its help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+import msgspec
+
+from outbox import __name__ as package_name
+from outbox.drain import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LEASE_MS,
+    DEFAULT_RETRY_DELAY_MS,
+    Drainer,
+    DrainSettings,
+)
+from outbox.errors import OutboxError
+from outbox.rabbitmq import DEFAULT_AMQP_URL, DEFAULT_MAX_MESSAGE_BYTES, RabbitMqConnector
+from outbox.records import decode_record
+from outbox.store import DEFAULT_MAX_ATTEMPTS, Outbox, OutboxStats, connect, discover_outboxes
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"error: environment variable {name} must be an integer, got {raw!r}") from None
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"error: environment variable {name} must be a number, got {raw!r}") from None
+
+
+def _add_redis_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-url",
+        default=_env("OUTBOX_REDIS_URL", DEFAULT_REDIS_URL),
+        help="Redis that holds the outboxes (env OUTBOX_REDIS_URL; default %(default)s)",
+    )
+    parser.add_argument(
+        "--outbox",
+        dest="outboxes",
+        action="append",
+        metavar="NAME",
+        default=None,
+        help="outbox to work on, repeatable (env OUTBOX_OUTBOXES, comma-separated; "
+        "default: every outbox found in Redis)",
+    )
+
+
+def _add_logging_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        default=_env("OUTBOX_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="lowest level logged to stderr (env OUTBOX_LOG_LEVEL; default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=_env("OUTBOX_LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="text lines, or one JSON object a line for log collectors "
+        "(env OUTBOX_LOG_FORMAT; default %(default)s)",
+    )
+
+
+def _outbox_names(args: argparse.Namespace) -> list[str]:
+    if args.outboxes:
+        return list(args.outboxes)
+    from_env = os.environ.get("OUTBOX_OUTBOXES", "")
+    return [name.strip() for name in from_env.split(",") if name.strip()]
+
+
+class JsonLogFormatter(logging.Formatter):
+    """Formats each record as one JSON object: time, level, logger, message, error."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return msgspec.json.encode(entry).decode()
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # pika logs every failed connect attempt at ERROR with a traceback; outbox already
+    # logs each failure once, with the reason.
+    logging.getLogger("pika").setLevel(logging.CRITICAL if level != "DEBUG" else logging.INFO)
+
+
+# python -m outbox.drain
+
+
+def drain_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m outbox.drain",
+        description="Republish the messages that Redis outboxes hold to RabbitMQ, with confirms.",
+    )
+    _add_redis_options(parser)
+    parser.add_argument(
+        "--amqp-url",
+        default=_env("OUTBOX_AMQP_URL", DEFAULT_AMQP_URL),
+        help="RabbitMQ to publish to (env OUTBOX_AMQP_URL; default %(default)s)",
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        default=_env("OUTBOX_ONCE", "") not in ("", "0", "false"),
+        help="drain until nothing is pending or leased, then exit (env OUTBOX_ONCE=1); "
+        "without it the drainer runs until SIGTERM or SIGINT",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=_env_int("OUTBOX_BATCH_SIZE", DEFAULT_BATCH_SIZE),
+        help="entries claimed and published together, 1-10000 "
+        "(env OUTBOX_BATCH_SIZE; default %(default)s)",
+    )
+    parser.add_argument(
+        "--lease-ms",
+        type=int,
+        default=_env_int("OUTBOX_LEASE_MS", DEFAULT_LEASE_MS),
+        help="milliseconds a claimed entry stays leased before another drainer may take it; "
+        "renewed while publishing (env OUTBOX_LEASE_MS; default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-attempts",
+        type=int,
+        default=_env_int("OUTBOX_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS),
+        help="claims an entry may use on failures of its own before it is dead-lettered; "
+        "broker outages do not count (env OUTBOX_MAX_ATTEMPTS; default %(default)s)",
+    )
+    parser.add_argument(
+        "--retry-delay-ms",
+        type=int,
+        default=_env_int("OUTBOX_RETRY_DELAY_MS", DEFAULT_RETRY_DELAY_MS),
+        help="milliseconds before retrying an entry that failed by itself, such as an "
+        "unroutable message (env OUTBOX_RETRY_DELAY_MS; default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=_env_int("OUTBOX_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES),
+        help="largest body published; larger ones fail and end as dead letters "
+        "(env OUTBOX_MAX_MESSAGE_BYTES; default %(default)s, RabbitMQ's default max_message_size)",
+    )
+    parser.add_argument(
+        "--confirm-timeout-s",
+        type=float,
+        default=_env_float("OUTBOX_CONFIRM_TIMEOUT_S", 10.0),
+        help="seconds to wait for RabbitMQ to confirm one batch "
+        "(env OUTBOX_CONFIRM_TIMEOUT_S; default %(default)s)",
+    )
+    parser.add_argument(
+        "--connect-timeout-s",
+        type=float,
+        default=_env_float("OUTBOX_CONNECT_TIMEOUT_S", 5.0),
+        help="seconds to wait for a connection to RabbitMQ "
+        "(env OUTBOX_CONNECT_TIMEOUT_S; default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-outage-s",
+        type=float,
+        default=_env_float("OUTBOX_MAX_OUTAGE_S", 10.0),
+        help="with --once: seconds RabbitMQ may keep failing before the drainer gives up "
+        "and exits 1 (env OUTBOX_MAX_OUTAGE_S; default %(default)s)",
+    )
+    _add_logging_options(parser)
+    return parser
+
+
+def drain_command(argv: Sequence[str] | None = None) -> int:
+    args = drain_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    settings = DrainSettings(
+        batch_size=args.batch_size,
+        lease_ms=args.lease_ms,
+        max_attempts=args.max_attempts,
+        retry_delay_ms=args.retry_delay_ms,
+        max_message_bytes=args.max_message_bytes,
+        outboxes=_outbox_names(args),
+    )
+    try:
+        connector = RabbitMqConnector(
+            args.amqp_url,
+            connect_timeout_s=args.connect_timeout_s,
+            confirm_timeout_s=args.confirm_timeout_s,
+            connection_name="outbox-drain",
+        )
+        drainer = Drainer(connect(args.redis_url), connector, settings)
+    except OutboxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    _install_stop_handlers(drainer.stopping.set)
+    started = time.monotonic()
+    status = EXIT_OK
+    try:
+        names = ", ".join(outbox.name for outbox in drainer.outboxes(refresh=True)) or "none yet"
+        logger.info(
+            "Draining outboxes (%s) from %s to RabbitMQ at %s%s",
+            names, _redact_url(args.redis_url), connector.address, " once" if args.once else "",
+        )
+        if args.once:
+            if not drainer.drain_once(max_outage_s=args.max_outage_s):
+                status = EXIT_FAILED
+        else:
+            drainer.run_forever()
+        remaining = drainer.unfinished()
+    except OutboxError as exc:
+        logger.error("Draining stopped: %s", exc)
+        remaining = -1
+        status = EXIT_FAILED
+    finally:
+        drainer.close()
+
+    counts = drainer.counts
+    elapsed = time.monotonic() - started
+    pending = "unknown" if remaining < 0 else str(remaining)
+    print(
+        f"published {counts.published}, failed {counts.failed}, dead-lettered "
+        f"{counts.dead_lettered}, still pending {pending} "
+        f"({elapsed:.1f} s, {counts.published / elapsed if elapsed > 0 else 0:.0f} messages/s)",
+        flush=True,
+    )
+    if args.once and remaining > 0 and status == EXIT_OK and not drainer.stopping.is_set():
+        status = EXIT_FAILED
+    return status
+
+
+def _install_stop_handlers(stop: Callable[[], None]) -> None:
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if received:
+            # Second signal: leave now; the leases expire and another drainer takes them.
+            os._exit(128 + signum)
+        received.append(signum)
+        logger.info(
+            "Received %s, stopping after the batch in flight (send it again to exit at once)",
+            signal.Signals(signum).name,
+        )
+        stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def _redact_url(url: str) -> str:
+    scheme, separator, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    _, _, host = rest.rpartition("@")
+    return f"{scheme}{separator}***@{host}"
+
+
+# python -m outbox stats | dead
+
+
+def main_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {package_name}",
+        description="Inspect and manage Redis outboxes. Drain them with python -m outbox.drain.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    stats = commands.add_parser("stats", help="count pending, leased, waiting and dead entries")
+    _add_redis_options(stats)
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    dead = commands.add_parser("dead", help="list, show, requeue or purge dead letters")
+    dead_commands = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
+
+    dead_list = dead_commands.add_parser("list", help="list dead letters, oldest first")
+    _add_redis_options(dead_list)
+    dead_list.add_argument("--limit", type=int, default=100, help="most entries per outbox (default %(default)s)")
+    dead_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    dead_show = dead_commands.add_parser("show", help="show one dead letter with its message")
+    _add_redis_options(dead_show)
+    dead_show.add_argument("entry_id", metavar="ID")
+    dead_show.add_argument("--json", action="store_true", help="print JSON")
+
+    dead_requeue = dead_commands.add_parser("requeue", help="give dead letters back to the drainers")
+    _add_redis_options(dead_requeue)
+    dead_requeue.add_argument("entry_ids", metavar="ID", nargs="*")
+    dead_requeue.add_argument("--all", action="store_true", help="requeue every dead letter")
+    dead_requeue.add_argument("--json", action="store_true", help="print JSON")
+
+    dead_purge = dead_commands.add_parser("purge", help="delete dead letters for good")
+    _add_redis_options(dead_purge)
+    dead_purge.add_argument("entry_ids", metavar="ID", nargs="*")
+    dead_purge.add_argument("--all", action="store_true", help="purge every dead letter")
+    dead_purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    dead_purge.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = main_parser().parse_args(argv)
+    configure_logging("WARNING", "text")
+    try:
+        client = connect(args.redis_url)
+        names = _outbox_names(args) or discover_outboxes(client)
+        outboxes = [Outbox(client, name) for name in names]
+        if args.command == "stats":
+            return _stats(outboxes, as_json=args.json)
+        return _dead(args, outboxes)
+    except OutboxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _stats(outboxes: list[Outbox], *, as_json: bool) -> int:
+    stats = [outbox.stats() for outbox in outboxes]
+    if as_json:
+        document = {
+            "outboxes": {s.name: _stats_fields(s) for s in stats},
+            "total": {
+                field: sum(getattr(s, field) for s in stats)
+                for field in ("pending", "leased", "waiting", "dead")
+            },
+        }
+        print(msgspec.json.encode(document).decode())
+        return EXIT_OK
+    if not stats:
+        print("no outboxes found")
+        return EXIT_OK
+    width = max(len("outbox"), *(len(s.name) for s in stats))
+    print(f"{'outbox':<{width}}  {'pending':>9}  {'leased':>9}  {'waiting':>9}  {'dead':>9}")
+    for s in stats:
+        print(f"{s.name:<{width}}  {s.pending:>9}  {s.leased:>9}  {s.waiting:>9}  {s.dead:>9}")
+    return EXIT_OK
+
+
+def _stats_fields(stats: OutboxStats) -> dict[str, int]:
+    return {
+        "pending": stats.pending,
+        "leased": stats.leased,
+        "waiting": stats.waiting,
+        "dead": stats.dead,
+    }
+
+
+def _single_outbox(outboxes: list[Outbox], action: str) -> Outbox:
+    if len(outboxes) == 1:
+        return outboxes[0]
+    found = ", ".join(outbox.name for outbox in outboxes) or "none"
+    raise SystemExit(
+        f"error: dead {action} needs one outbox; pass --outbox NAME (outboxes found: {found})"
+    )
+
+
+def _dead(args: argparse.Namespace, outboxes: list[Outbox]) -> int:
+    action = args.dead_command
+    if action == "list":
+        letters = []
+        for outbox in outboxes:
+            for letter in outbox.dead_letters(count=args.limit):
+                letters.append({"outbox": outbox.name, **_letter_fields(letter)})
+        if args.json:
+            print(msgspec.json.encode(letters).decode())
+        elif not letters:
+            print("no dead letters")
+        else:
+            for item in letters:
+                print(f"{item['outbox']}  {item['id']:>8}  attempts {item['attempts']}  {item['reason']}")
+        return EXIT_OK
+
+    outbox = _single_outbox(outboxes, action)
+    if action == "show":
+        letter = outbox.dead_letter(args.entry_id)
+        if letter is None:
+            print(f"error: entry {args.entry_id!r} is not a dead letter of outbox {outbox.name}", file=sys.stderr)
+            return EXIT_FAILED
+        fields = {"outbox": outbox.name, **_letter_fields(letter, with_message=True)}
+        if args.json:
+            print(msgspec.json.encode(fields).decode())
+        else:
+            for key, value in fields.items():
+                print(f"{key}: {value}")
+        return EXIT_OK
+
+    if not args.entry_ids and not args.all:
+        print(f"error: dead {action} needs entry ids or --all", file=sys.stderr)
+        return EXIT_USAGE
+    ids = None if args.all else list(args.entry_ids)
+    if action == "purge" and not args.yes:
+        what = "every dead letter" if ids is None else f"{len(ids)} dead letters"
+        if not sys.stdin.isatty():
+            print("error: purge deletes for good; pass --yes to confirm", file=sys.stderr)
+            return EXIT_USAGE
+        answer = input(f"Delete {what} of outbox {outbox.name} for good? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return EXIT_OK
+    count = outbox.requeue(ids) if action == "requeue" else outbox.purge(ids)
+    verb = "requeued" if action == "requeue" else "purged"
+    if args.json:
+        print(msgspec.json.encode({"outbox": outbox.name, verb: count}).decode())
+    else:
+        print(f"{verb} {count} dead letters of outbox {outbox.name}")
+    return EXIT_OK
+
+
+def _letter_fields(letter: Any, *, with_message: bool = False) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "id": letter.entry_id,
+        "attempts": letter.attempts,
+        "dead_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(letter.dead_at_ms / 1000)),
+        "reason": letter.reason,
+    }
+    if with_message:
+        try:
+            record = decode_record(letter.payload)
+            fields["message_id"] = record.message_id
+            fields["exchange"] = record.exchange
+            fields["routing_key"] = record.routing_key
+            fields["body"] = record.body.decode("utf-8", "replace")
+        except OutboxError:
+            fields["payload"] = letter.payload.decode("utf-8", "backslashreplace")
+    return fields

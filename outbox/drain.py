@@ -1,0 +1,330 @@
+"""The drainer: republishes what outboxes hold, then acknowledges it in Redis.
+
+Each round claims one batch per outbox (expired leases first), publishes the batch with
+confirms, acks what RabbitMQ confirmed and releases or buries the rest. A drainer killed
+at any point leaves its leases to expire; any other drainer then claims them again.
+
+Run it with ``python -m outbox.drain``; ``--help`` lists the options.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from outbox.errors import BrokerError, BrokerUnavailableError, OutboxConfigError, RecordDecodeError
+from outbox.rabbitmq import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ConfirmingPublisher,
+    PublishStatus,
+    RabbitMqConnector,
+)
+from outbox.records import OutboxRecord, decode_record
+from outbox.store import DEFAULT_MAX_ATTEMPTS, Lease, Outbox, discover_outboxes
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 500
+DEFAULT_LEASE_MS = 30_000
+# A message that failed by itself (unroutable, too large) waits this long before its next try.
+DEFAULT_RETRY_DELAY_MS = 1_000
+_IDLE_WAIT_MIN_S = 0.05
+_IDLE_WAIT_MAX_S = 0.5
+_BACKOFF_MIN_S = 0.5
+_BACKOFF_MAX_S = 30.0
+_REDISCOVER_EVERY_S = 5.0
+
+
+@dataclass
+class DrainCounts:
+    """What one drainer did since it started."""
+
+    published: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    lost_leases: int = 0
+
+    def add(self, other: DrainCounts) -> None:
+        self.published += other.published
+        self.failed += other.failed
+        self.dead_lettered += other.dead_lettered
+        self.lost_leases += other.lost_leases
+
+
+@dataclass
+class DrainSettings:
+    """How a drainer claims and retries; see ``python -m outbox.drain --help``."""
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+    lease_ms: int = DEFAULT_LEASE_MS
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retry_delay_ms: int = DEFAULT_RETRY_DELAY_MS
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    outboxes: Sequence[str] = field(default_factory=tuple)
+
+    def check(self) -> None:
+        if not 1 <= self.batch_size <= 10_000:
+            raise OutboxConfigError(f"batch size must be between 1 and 10000, got {self.batch_size}")
+        if self.lease_ms < 100:
+            raise OutboxConfigError(f"lease must be at least 100 ms, got {self.lease_ms}")
+        if self.max_attempts < 1:
+            raise OutboxConfigError(f"max attempts must be at least 1, got {self.max_attempts}")
+        if self.retry_delay_ms < 0:
+            raise OutboxConfigError(f"retry delay must not be negative, got {self.retry_delay_ms}")
+
+
+class Drainer:
+    """Moves messages from Redis outboxes to RabbitMQ, one batch per outbox at a time."""
+
+    def __init__(
+        self,
+        redis: Any,
+        connector: RabbitMqConnector,
+        settings: DrainSettings | None = None,
+    ) -> None:
+        self.redis = redis
+        self.connector = connector
+        self.settings = settings or DrainSettings()
+        self.settings.check()
+        self.counts = DrainCounts()
+        self.stopping = threading.Event()
+        self._publisher: ConfirmingPublisher = connector.publisher()
+        self._outboxes: dict[str, Outbox] = {}
+        self._discovered_at = float("-inf")
+        self._broker_down: BrokerError | None = None
+        self._recovering = False
+
+    def close(self) -> None:
+        self._publisher.close()
+
+    # Outboxes
+
+    def outboxes(self, *, refresh: bool = False) -> list[Outbox]:
+        """Return the outboxes to drain: the configured ones, else every one found in Redis."""
+        names: Sequence[str] = self.settings.outboxes
+        if not names:
+            now = time.monotonic()
+            if refresh or now - self._discovered_at > _REDISCOVER_EVERY_S:
+                self._discovered_at = now
+                for name in discover_outboxes(self.redis):
+                    self._outbox(name)
+            return list(self._outboxes.values())
+        return [self._outbox(name) for name in names]
+
+    def _outbox(self, name: str) -> Outbox:
+        if name not in self._outboxes:
+            self._outboxes[name] = Outbox(self.redis, name, max_attempts=self.settings.max_attempts)
+        return self._outboxes[name]
+
+    def unfinished(self) -> int:
+        """Count entries still pending, leased or waiting in the outboxes drained."""
+        return sum(outbox.stats().unfinished for outbox in self.outboxes(refresh=True))
+
+    # Draining
+
+    def drain_once(
+        self,
+        *,
+        max_outage_s: float = 10.0,
+        on_progress: Callable[[DrainCounts], None] | None = None,
+    ) -> bool:
+        """Drain until no outbox holds unfinished entries.
+
+        Entries leased by other drainers are waited for: taken back when their lease
+        expires, or left to their drainer when it acks them. Returns False when RabbitMQ
+        kept failing for ``max_outage_s`` seconds; the entries then stay in the outboxes.
+        """
+        idle_wait = _IDLE_WAIT_MIN_S
+        backoff = _BACKOFF_MIN_S
+        outage_since: float | None = None
+        while not self.stopping.is_set():
+            handled = self.run_round()
+            if on_progress is not None:
+                on_progress(self.counts)
+            if self._broker_down is not None:
+                now = time.monotonic()
+                outage_since = outage_since if outage_since is not None else now
+                if now - outage_since >= max_outage_s:
+                    logger.error(
+                        "RabbitMQ kept failing for %.0f s, giving up: %s", max_outage_s, self._broker_down
+                    )
+                    return False
+                logger.warning("RabbitMQ failed, retrying in %.1f s: %s", backoff, self._broker_down)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                continue
+            outage_since = None
+            backoff = _BACKOFF_MIN_S
+            if handled:
+                idle_wait = _IDLE_WAIT_MIN_S
+                continue
+            if self.unfinished() == 0:
+                return True
+            self.stopping.wait(idle_wait)
+            idle_wait = min(idle_wait * 2, _IDLE_WAIT_MAX_S)
+        return True
+
+    def run_forever(self) -> None:
+        """Drain until :attr:`stopping` is set, backing off while RabbitMQ is unavailable."""
+        idle_wait = _IDLE_WAIT_MIN_S
+        backoff = _BACKOFF_MIN_S
+        while not self.stopping.is_set():
+            was_down = self._broker_down is not None
+            handled = self.run_round()
+            if self._broker_down is not None:
+                if not was_down:
+                    logger.warning(
+                        "RabbitMQ is unavailable, retrying with backoff up to %.0f s: %s",
+                        _BACKOFF_MAX_S, self._broker_down,
+                    )
+                self.stopping.wait(backoff * (0.5 + random.random() / 2))
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                self._broker_down = None
+                self._recovering = True
+                continue
+            if self._recovering and handled:
+                logger.info("RabbitMQ confirms publishes again; draining resumed")
+                self._recovering = False
+            backoff = _BACKOFF_MIN_S
+            if handled:
+                idle_wait = _IDLE_WAIT_MIN_S
+                continue
+            self.stopping.wait(idle_wait)
+            idle_wait = min(idle_wait * 2, _IDLE_WAIT_MAX_S)
+
+    def run_round(self) -> int:
+        """Claim and process one batch of every outbox; return how many entries were handled."""
+        handled = 0
+        self._broker_down = None
+        for outbox in self.outboxes():
+            if self.stopping.is_set() or self._broker_down is not None:
+                break
+            handled += self.drain_batch(outbox)
+        return handled
+
+    def drain_batch(self, outbox: Outbox) -> int:
+        """Claim one batch of ``outbox`` and publish it; return the number of entries claimed."""
+        settings = self.settings
+        claim = outbox.claim(batch_size=settings.batch_size, lease_ms=settings.lease_ms)
+        if claim.dead_lettered:
+            self.counts.dead_lettered += claim.dead_lettered
+            logger.warning(
+                "Dead-lettered %d entries of outbox %s after %d attempts each",
+                claim.dead_lettered, outbox.name, settings.max_attempts,
+            )
+        if not claim.leases:
+            return claim.dead_lettered
+        self._process(outbox, claim.leases)
+        return len(claim.leases) + claim.dead_lettered
+
+    def _process(self, outbox: Outbox, leases: list[Lease]) -> None:
+        settings = self.settings
+        sendable: list[tuple[Lease, OutboxRecord]] = []
+        undecodable: list[tuple[Lease, str]] = []
+        too_large: list[tuple[Lease, str]] = []
+        for lease in leases:
+            try:
+                record = decode_record(lease.payload)
+            except RecordDecodeError as exc:
+                undecodable.append((lease, f"cannot decode entry: {exc}"))
+                continue
+            if len(record.body) > settings.max_message_bytes:
+                too_large.append(
+                    (lease, f"message {record.message_id} has {len(record.body)} bytes, more "
+                     f"than the maximum of {settings.max_message_bytes}")
+                )
+                continue
+            sendable.append((lease, record))
+
+        for lease, reason in undecodable:
+            # Decoding gives the same result on every attempt, so the entry goes straight
+            # to the dead letters.
+            if outbox.bury([lease], reason=reason)[0]:
+                self.counts.dead_lettered += 1
+                logger.warning("Dead-lettered entry %s of outbox %s: %s", lease.entry_id, outbox.name, reason)
+        for lease, reason in too_large:
+            self._release_failed(outbox, [lease], reason, refund=False)
+
+        if sendable:
+            self._publish(outbox, sendable)
+
+    def _publish(self, outbox: Outbox, sendable: list[tuple[Lease, OutboxRecord]]) -> None:
+        settings = self.settings
+        leases = [lease for lease, _ in sendable]
+        renew_every_s = settings.lease_ms / 3000
+
+        def renew_leases() -> None:
+            kept = outbox.extend(leases, lease_ms=settings.lease_ms)
+            logger.debug("Renewed %d of %d leases of outbox %s", sum(kept), len(kept), outbox.name)
+
+        try:
+            results = self._publisher.publish(
+                [record for _, record in sendable],
+                keepalive=renew_leases,
+                keepalive_interval_s=renew_every_s,
+            )
+        except BrokerUnavailableError as exc:
+            self._broker_down = exc
+            self._release_failed(outbox, leases, str(exc), refund=True)
+            return
+
+        confirmed = [lease for (lease, _), result in zip(sendable, results) if result.confirmed]
+        if confirmed:
+            acked = outbox.ack(confirmed)
+            self.counts.published += len(confirmed)
+            lost = acked.count(False)
+            if lost:
+                self.counts.lost_leases += lost
+                logger.warning(
+                    "%d leases of outbox %s expired before their ack; those messages will be "
+                    "published again (same message_id)", lost, outbox.name,
+                )
+            for (lease, record), result in zip(sendable, results):
+                if result.confirmed:
+                    logger.debug("Published message %s (entry %s of %s)", record.message_id, lease.entry_id, outbox.name)
+
+        by_message = [
+            (lease, result) for (lease, _), result in zip(sendable, results)
+            if result.status is PublishStatus.RETURNED
+        ]
+        for lease, result in by_message:
+            self._release_failed(outbox, [lease], str(result.error), refund=False)
+
+        by_broker = [
+            (lease, result) for (lease, _), result in zip(sendable, results)
+            if result.status in (PublishStatus.NACKED, PublishStatus.FAILED)
+        ]
+        if by_broker:
+            self._broker_down = by_broker[0][1].error
+            self._release_failed(
+                outbox, [lease for lease, _ in by_broker], str(by_broker[0][1].error), refund=True
+            )
+
+    def _release_failed(self, outbox: Outbox, leases: list[Lease], error: str, *, refund: bool) -> None:
+        delay_ms = 0 if refund else self.settings.retry_delay_ms
+        released = outbox.release(leases, delay_ms=delay_ms, refund=refund, error=error)
+        self.counts.failed += len(leases)
+        if refund:
+            logger.debug("Released %d entries of outbox %s for a broker failure: %s", sum(released), outbox.name, error)
+            return
+        for lease in leases:
+            logger.warning(
+                "Publishing entry %s of outbox %s failed [%d/%d]: %s",
+                lease.entry_id, outbox.name, lease.attempts, self.settings.max_attempts, error,
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``python -m outbox.drain``; return the exit status."""
+    from outbox.cli import drain_command
+
+    return drain_command(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
