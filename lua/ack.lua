@@ -3,7 +3,8 @@
 ack: delete entries whose publish RabbitMQ confirmed.
 
 Atomic: each entry is deleted only when the caller's token is its current lease
-token, so a drainer whose lease expired or was taken over changes nothing.
+token and the lease deadline has not passed on the Redis server clock, so a drainer
+whose lease expired or was taken over changes nothing.
 
 KEYS[1]  leased    zset  entry id -> lease deadline (ms)
 KEYS[2]  tokens    hash  entry id -> token of the current lease
@@ -15,7 +16,8 @@ ARGV[3], ARGV[4]  id_2, token_2  ... one pair per entry
 
 Returns: {status_1, status_2, ...} one int per pair, in order
   1  acknowledged and deleted
-  0  not acknowledged: the token is not the current one (stale, released or already done)
+  0  not acknowledged: the token is not the current one (stale, released or already
+     done) or the lease expired
 ]]
 
 local leased_key = KEYS[1]
@@ -24,11 +26,25 @@ local payloads_key = KEYS[3]
 local attempts_key = KEYS[4]
 local errors_key = KEYS[5]
 
+local time = redis.call('TIME')
+local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+
+-- A lease is current while the caller's token is stored for the entry and its
+-- deadline has not passed. claim takes back leases whose deadline is <= now, so a
+-- drainer must not act on one after that moment, even before anyone took it back.
+local function holds_lease(id, token)
+  if redis.call('HGET', tokens_key, id) ~= token then
+    return false
+  end
+  local lease_deadline = tonumber(redis.call('ZSCORE', leased_key, id))
+  return lease_deadline ~= nil and lease_deadline > now_ms
+end
+
 local statuses = {}
 for index = 1, #ARGV, 2 do
   local id = ARGV[index]
   local token = ARGV[index + 1]
-  if redis.call('HGET', tokens_key, id) == token then
+  if holds_lease(id, token) then
     redis.call('ZREM', leased_key, id)
     redis.call('HDEL', tokens_key, id)
     redis.call('HDEL', payloads_key, id)

@@ -2,8 +2,9 @@
 --[[
 extend: renew leases so that a slow publish does not let them expire.
 
-Atomic: a lease is renewed only when the caller's token is its current token.
-The new deadline is now + lease_ms on the Redis server clock.
+Atomic: a lease is renewed only when the caller's token is its current token and
+its deadline has not passed; an expired lease cannot be revived. The new deadline is
+now + lease_ms on the Redis server clock.
 
 KEYS[1]  leased  zset  entry id -> lease deadline (ms)
 KEYS[2]  tokens  hash  entry id -> token of the current lease
@@ -13,7 +14,7 @@ ARGV[4], ARGV[5]  id_2, token_2  ... one pair per entry
 
 Returns: {status_1, status_2, ...} one int per pair, in order
   1  renewed
-  0  not renewed: the token is not the current one
+  0  not renewed: the token is not the current one or the lease expired
 ]]
 
 local leased_key = KEYS[1]
@@ -24,11 +25,22 @@ local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local deadline = now_ms + lease_ms
 
+-- A lease is current while the caller's token is stored for the entry and its
+-- deadline has not passed. claim takes back leases whose deadline is <= now, so a
+-- drainer must not act on one after that moment, even before anyone took it back.
+local function holds_lease(id, token)
+  if redis.call('HGET', tokens_key, id) ~= token then
+    return false
+  end
+  local lease_deadline = tonumber(redis.call('ZSCORE', leased_key, id))
+  return lease_deadline ~= nil and lease_deadline > now_ms
+end
+
 local statuses = {}
 for index = 2, #ARGV, 2 do
   local id = ARGV[index]
   local token = ARGV[index + 1]
-  if redis.call('HGET', tokens_key, id) == token then
+  if holds_lease(id, token) then
     redis.call('ZADD', leased_key, deadline, id)
     statuses[#statuses + 1] = 1
   else

@@ -2,9 +2,10 @@
 --[[
 release: give leased entries back so that the next claim takes them again.
 
-Atomic: an entry is released only when the caller's token is its current token.
-It stays in the leased set without an owner, due at now + delay_ms (server clock),
-which the next claim treats like an expired lease. With refund = 1 the claim that
+Atomic: an entry is released only when the caller's token is its current token and
+the lease deadline has not passed. It stays in the leased set without an owner,
+due at now + delay_ms (server clock), which the next claim treats like an expired
+lease. With refund = 1 the claim that
 leased it does not count as an attempt; broker-wide failures release this way so an
 outage cannot dead-letter the backlog.
 
@@ -20,7 +21,7 @@ ARGV[6], ARGV[7]  id_2, token_2  ... one pair per entry
 
 Returns: {status_1, status_2, ...} one int per pair, in order
   1  released
-  0  not released: the token is not the current one
+  0  not released: the token is not the current one or the lease expired
 ]]
 
 local leased_key = KEYS[1]
@@ -35,11 +36,22 @@ local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local due = now_ms + delay_ms
 
+-- A lease is current while the caller's token is stored for the entry and its
+-- deadline has not passed. claim takes back leases whose deadline is <= now, so a
+-- drainer must not act on one after that moment, even before anyone took it back.
+local function holds_lease(id, token)
+  if redis.call('HGET', tokens_key, id) ~= token then
+    return false
+  end
+  local lease_deadline = tonumber(redis.call('ZSCORE', leased_key, id))
+  return lease_deadline ~= nil and lease_deadline > now_ms
+end
+
 local statuses = {}
 for index = 4, #ARGV, 2 do
   local id = ARGV[index]
   local token = ARGV[index + 1]
-  if redis.call('HGET', tokens_key, id) == token then
+  if holds_lease(id, token) then
     -- The new due time is written before the owner is removed.
     redis.call('ZADD', leased_key, due, id)
     redis.call('HDEL', tokens_key, id)

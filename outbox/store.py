@@ -177,14 +177,21 @@ class Outbox:
         return Claim(leases, int(reply[2]), int(reply[1]))
 
     def ack(self, leases: Sequence[Lease]) -> list[bool]:
-        """Delete acknowledged entries; False for each lease whose token is no longer current."""
+        """Delete acknowledged entries; False for each lease that is no longer current.
+
+        A lease stops being current when its deadline passes on the Redis clock or when
+        release, bury, ack or another claim replaced its token.
+        """
         k = self.keys
         return self._per_lease(
             "ack", [k.leased, k.tokens, k.payloads, k.attempts, k.errors], [], leases
         )
 
     def extend(self, leases: Sequence[Lease], *, lease_ms: int) -> list[bool]:
-        """Renew leases to now + ``lease_ms``; False for each lease whose token is no longer current."""
+        """Renew leases to now + ``lease_ms``; False for each lease that is no longer current.
+
+        An expired lease cannot be renewed, so extend well before the deadline.
+        """
         if lease_ms < 1:
             raise OutboxConfigError(f"lease_ms must be at least 1, got {lease_ms}")
         return self._per_lease("extend", [self.keys.leased, self.keys.tokens], [lease_ms], leases)
@@ -200,7 +207,8 @@ class Outbox:
         """Give entries back for another claim after ``delay_ms``.
 
         ``refund=True`` does not count the claim as an attempt; use it for failures of the
-        broker as a whole. False for each lease whose token is no longer current.
+        broker as a whole. False for each lease that is no longer current (token replaced
+        or deadline passed).
         """
         if delay_ms < 0:
             raise OutboxConfigError(f"delay_ms must not be negative, got {delay_ms}")
