@@ -1,0 +1,252 @@
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from outbox import (
+    BrokerUnavailableError,
+    MessageEncodeError,
+    MessageTooLargeError,
+    OutboxConfigError,
+    PublishAndStoreError,
+    RabbitMqCommandBus,
+    RabbitMqConnector,
+    RabbitMqDomainEventBus,
+    RedisCommandBus,
+    RedisDomainEventBus,
+)
+from outbox.messages import Command, DomainEvent
+from outbox.records import decode_record
+from tests.servers import free_port
+
+
+class OrderPlaced(DomainEvent):
+    order_id: str
+
+
+class ShipOrder(Command):
+    order_id: str
+
+
+def unreachable_connector() -> RabbitMqConnector:
+    return RabbitMqConnector(f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F", connect_timeout_s=1)
+
+
+class SilentServer:
+    """Accepts TCP connections on a loopback port and never sends a byte."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(connection)
+
+    def close(self) -> None:
+        self.sock.close()
+        for connection in self.accepted:
+            connection.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+def stored_records(client: redis.Redis, outbox: str) -> list:
+    return [decode_record(p) for p in reversed(client.lrange(f"outbox:{{{outbox}}}:pending", 0, -1))]
+
+
+def test_unreachable_broker_stores_events_in_fallback(redis_client):
+    fallback = RedisDomainEventBus("acme", "shop", redis_client)
+    bus = RabbitMqDomainEventBus("acme", "shop", unreachable_connector(), fallback=fallback)
+    events = [OrderPlaced(order_id=str(n)) for n in range(3)]
+
+    bus.publish(events)
+
+    records = stored_records(redis_client, "acme.shop.events")
+    assert [r.message_id for r in records] == [e.id for e in events]
+    assert records[0].exchange == "acme.shop"
+    assert records[0].routing_key == "acme.shop.1.event.order_placed"
+
+
+def test_unreachable_broker_without_fallback_raises_naming_the_ids(redis_client):
+    bus = RabbitMqDomainEventBus("acme", "shop", unreachable_connector())
+    event = OrderPlaced(order_id="1")
+    with pytest.raises(BrokerUnavailableError, match=event.id):
+        bus.publish(event)
+
+
+def test_healthy_broker_delivers_with_properties(redis_client, rabbit, amqp_url):
+    organization = rabbit.organization()
+    queue = rabbit.bind_queue(f"{organization}.shop")
+    fallback = RedisDomainEventBus(organization, "shop", redis_client)
+    bus = RabbitMqDomainEventBus(organization, "shop", RabbitMqConnector(amqp_url), fallback=fallback)
+    event = OrderPlaced(order_id="7")
+
+    bus.publish(event, correlation_id="req-1")
+    bus.close()
+
+    [(method, properties, body)] = rabbit.consume_all(queue, expected=1)
+    assert properties.message_id == event.id
+    assert properties.content_type == "application/json"
+    assert properties.delivery_mode == 2
+    assert properties.type == "order.placed"
+    assert properties.timestamp == int(event.occurred_on.timestamp())
+    assert method.routing_key == f"{organization}.shop.1.event.order_placed"
+    data = json.loads(body)["data"]
+    assert data["attributes"] == {"order_id": "7"}
+    assert data["meta"] == {"correlation_id": "req-1"}
+    assert redis_client.llen(f"outbox:{{{organization}.shop.events}}:pending") == 0
+
+
+def test_command_bus_dispatches_to_command_routing_key(redis_client, rabbit, amqp_url):
+    organization = rabbit.organization()
+    queue = rabbit.bind_queue(f"{organization}.shop")
+    bus = RabbitMqCommandBus(
+        organization, "shop", RabbitMqConnector(amqp_url),
+        fallback=RedisCommandBus(organization, "shop", redis_client),
+    )
+
+    bus.dispatch([ShipOrder(order_id="1"), ShipOrder(order_id="2")])
+    bus.close()
+
+    received = rabbit.consume_all(queue, expected=2)
+    assert [m.routing_key for m, _, _ in received] == [f"{organization}.shop.1.command.ship_order"] * 2
+
+
+def test_unroutable_event_goes_to_fallback(redis_client, rabbit, amqp_url):
+    organization = rabbit.organization()
+    rabbit.track_exchange(f"{organization}.shop")
+    fallback = RedisDomainEventBus(organization, "shop", redis_client)
+    bus = RabbitMqDomainEventBus(organization, "shop", RabbitMqConnector(amqp_url), fallback=fallback)
+    event = OrderPlaced(order_id="1")
+
+    bus.publish(event)
+    bus.close()
+
+    assert [r.message_id for r in stored_records(redis_client, f"{organization}.shop.events")] == [event.id]
+
+
+def test_wrong_message_type_is_rejected_before_anything_is_stored(redis_client):
+    fallback = RedisDomainEventBus("acme", "shop", redis_client)
+    bus = RabbitMqDomainEventBus("acme", "shop", unreachable_connector(), fallback=fallback)
+    with pytest.raises(MessageEncodeError, match="DomainEvent"):
+        bus.publish([OrderPlaced(order_id="1"), ShipOrder(order_id="2")])  # type: ignore[list-item]
+    assert redis_client.llen("outbox:{acme.shop.events}:pending") == 0
+
+
+def test_too_large_message_is_rejected_before_anything_is_stored(redis_client):
+    fallback = RedisDomainEventBus("acme", "shop", redis_client)
+    bus = RabbitMqDomainEventBus(
+        "acme", "shop", unreachable_connector(), fallback=fallback, max_message_bytes=200
+    )
+    with pytest.raises(MessageTooLargeError, match="max_message_bytes=200"):
+        bus.publish([OrderPlaced(order_id="1"), OrderPlaced(order_id="x" * 500)])
+    assert redis_client.llen("outbox:{acme.shop.events}:pending") == 0
+
+
+def test_fallback_of_the_other_kind_is_rejected(redis_client):
+    with pytest.raises(OutboxConfigError, match="RedisDomainEventBus"):
+        RabbitMqDomainEventBus(
+            "acme", "shop", unreachable_connector(),
+            fallback=RedisCommandBus("acme", "shop", redis_client),  # type: ignore[arg-type]
+        )
+
+
+def test_broker_and_redis_down_raise_error_naming_both():
+    dead_redis = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
+    fallback = RedisDomainEventBus("acme", "shop", dead_redis, retry_for_s=0.2)
+    bus = RabbitMqDomainEventBus("acme", "shop", unreachable_connector(), fallback=fallback)
+    with pytest.raises(PublishAndStoreError) as raised:
+        bus.publish(OrderPlaced(order_id="1"))
+    message = str(raised.value)
+    assert "RabbitMQ" in message
+    assert "Redis" in message
+    assert isinstance(raised.value.publish_error, BrokerUnavailableError)
+
+
+def test_silent_broker_times_out_and_falls_back(redis_client, silent_server):
+    connector = RabbitMqConnector(
+        f"amqp://guest:guest@127.0.0.1:{silent_server.port}/%2F", connect_timeout_s=0.5
+    )
+    fallback = RedisDomainEventBus("acme", "shop", redis_client)
+    bus = RabbitMqDomainEventBus("acme", "shop", connector, fallback=fallback)
+
+    bus.publish(OrderPlaced(order_id="1"))
+
+    assert redis_client.llen("outbox:{acme.shop.events}:pending") == 1
+
+
+def test_open_breaker_skips_the_broker_until_retry_interval(redis_client, silent_server):
+    connector = RabbitMqConnector(
+        f"amqp://guest:guest@127.0.0.1:{silent_server.port}/%2F", connect_timeout_s=0.3
+    )
+    fallback = RedisDomainEventBus("acme", "shop", redis_client)
+    bus = RabbitMqDomainEventBus("acme", "shop", connector, fallback=fallback, retry_interval_s=60)
+
+    for n in range(5):
+        bus.publish(OrderPlaced(order_id=str(n)))
+
+    assert len(silent_server.accepted) == 1
+    assert redis_client.llen("outbox:{acme.shop.events}:pending") == 5
+
+
+def test_breaker_retries_the_broker_after_the_interval(redis_client, silent_server):
+    connector = RabbitMqConnector(
+        f"amqp://guest:guest@127.0.0.1:{silent_server.port}/%2F", connect_timeout_s=0.2
+    )
+    fallback = RedisDomainEventBus("acme", "shop", redis_client)
+    bus = RabbitMqDomainEventBus("acme", "shop", connector, fallback=fallback, retry_interval_s=0)
+
+    bus.publish(OrderPlaced(order_id="1"))
+    bus.publish(OrderPlaced(order_id="2"))
+
+    assert len(silent_server.accepted) == 2
+
+
+def test_threads_sharing_a_bus_deliver_every_event_once(redis_client, rabbit, amqp_url):
+    organization = rabbit.organization()
+    queue = rabbit.bind_queue(f"{organization}.shop")
+    fallback = RedisDomainEventBus(organization, "shop", redis_client)
+    bus = RabbitMqDomainEventBus(organization, "shop", RabbitMqConnector(amqp_url), fallback=fallback)
+    ids: list[str] = []
+    errors: list[BaseException] = []
+
+    def publish_many(thread: int) -> None:
+        try:
+            for n in range(100):
+                event = OrderPlaced(order_id=f"{thread}-{n}")
+                ids.append(event.id)
+                bus.publish(event)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish_many, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    bus.close()
+
+    assert errors == []
+    received = [p.message_id for _, p, _ in rabbit.consume_all(queue, expected=800)]
+    stored = [r.message_id for r in stored_records(redis_client, f"{organization}.shop.events")]
+    assert sorted(received + stored) == sorted(ids)
