@@ -58,6 +58,7 @@ __all__ = [
     "StoreReadOnlyError",
     "StoreUnavailableError",
     "UnknownMessage",
+    "UnroutableError",
     "decode",
     "encode",
 ]

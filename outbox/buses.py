@@ -154,9 +154,13 @@ class _RabbitMqBus(Generic[M]):
                 f"{type(fallback).__name__}; use Redis{'DomainEvent' if self.kind == 'event' else 'Command'}Bus"
             )
         if max_message_bytes < 1:
-            raise OutboxConfigError(f"max_message_bytes must be at least 1, got {max_message_bytes}")
+            raise OutboxConfigError(
+                f"max_message_bytes must be at least 1, got {max_message_bytes}"
+            )
         if retry_interval_s < 0:
-            raise OutboxConfigError(f"retry_interval_s must not be negative, got {retry_interval_s}")
+            raise OutboxConfigError(
+                f"retry_interval_s must not be negative, got {retry_interval_s}"
+            )
         self.organization = organization
         self.service = service
         self.connector = connector or RabbitMqConnector()
@@ -195,7 +199,11 @@ class _RabbitMqBus(Generic[M]):
 
         with self._lock:
             results = self._publish(records)
-        failed = [(record, result) for record, result in zip(records, results) if not result.confirmed]
+        failed = [
+            (record, result)
+            for record, result in zip(records, results, strict=True)
+            if not result.confirmed
+        ]
         if not failed:
             return
 
@@ -220,7 +228,10 @@ class _RabbitMqBus(Generic[M]):
         log = logger.debug if self._outage is not None else logger.warning
         log(
             "Stored %d of %d messages in outbox %s because RabbitMQ did not confirm them: %s",
-            len(failed), len(records), self.fallback.outbox.name, first_error,
+            len(failed),
+            len(records),
+            self.fallback.outbox.name,
+            first_error,
         )
 
     def _publish(self, records: list[OutboxRecord]) -> list[PublishResult]:
@@ -255,7 +266,10 @@ class _RabbitMqBus(Generic[M]):
             target = self.fallback.outbox.name if self.fallback is not None else "no fallback"
             logger.warning(
                 "RabbitMQ at %s is unavailable, publishing to %s and retrying RabbitMQ every %.1f s: %s",
-                self.connector.address, target, self.retry_interval_s, error,
+                self.connector.address,
+                target,
+                self.retry_interval_s,
+                error,
             )
         self._outage = error
         self._skip_broker_until = time.monotonic() + self.retry_interval_s

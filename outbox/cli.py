@@ -49,7 +49,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise SystemExit(f"error: environment variable {name} must be an integer, got {raw!r}") from None
+        raise SystemExit(
+            f"error: environment variable {name} must be an integer, got {raw!r}"
+        ) from None
 
 
 def _env_float(name: str, default: float) -> float:
@@ -59,7 +61,9 @@ def _env_float(name: str, default: float) -> float:
     try:
         return float(raw)
     except ValueError:
-        raise SystemExit(f"error: environment variable {name} must be a number, got {raw!r}") from None
+        raise SystemExit(
+            f"error: environment variable {name} must be a number, got {raw!r}"
+        ) from None
 
 
 def _add_redis_options(parser: argparse.ArgumentParser) -> None:
@@ -244,7 +248,10 @@ def drain_command(argv: Sequence[str] | None = None) -> int:
         names = ", ".join(outbox.name for outbox in drainer.outboxes(refresh=True)) or "none yet"
         logger.info(
             "Draining outboxes (%s) from %s to RabbitMQ at %s%s",
-            names, _redact_url(args.redis_url), connector.address, " once" if args.once else "",
+            names,
+            _redact_url(args.redis_url),
+            connector.address,
+            " once" if args.once else "",
         )
         if args.once:
             if not drainer.drain_once(max_outage_s=args.max_outage_s):
@@ -318,7 +325,9 @@ def main_parser() -> argparse.ArgumentParser:
 
     dead_list = dead_commands.add_parser("list", help="list dead letters, oldest first")
     _add_redis_options(dead_list)
-    dead_list.add_argument("--limit", type=int, default=100, help="most entries per outbox (default %(default)s)")
+    dead_list.add_argument(
+        "--limit", type=int, default=100, help="most entries per outbox (default %(default)s)"
+    )
     dead_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     dead_show = dead_commands.add_parser("show", help="show one dead letter with its message")
@@ -326,7 +335,9 @@ def main_parser() -> argparse.ArgumentParser:
     dead_show.add_argument("entry_id", metavar="ID")
     dead_show.add_argument("--json", action="store_true", help="print JSON")
 
-    dead_requeue = dead_commands.add_parser("requeue", help="give dead letters back to the drainers")
+    dead_requeue = dead_commands.add_parser(
+        "requeue", help="give dead letters back to the drainers"
+    )
     _add_redis_options(dead_requeue)
     dead_requeue.add_argument("entry_ids", metavar="ID", nargs="*")
     dead_requeue.add_argument("--all", action="store_true", help="requeue every dead letter")
@@ -409,16 +420,21 @@ def _dead(args: argparse.Namespace, outboxes: list[Outbox]) -> int:
             print("no dead letters")
         else:
             for item in letters:
-                print(f"{item['outbox']}  {item['id']:>8}  attempts {item['attempts']}  {item['reason']}")
+                print(
+                    f"{item['outbox']}  {item['id']:>8}  attempts {item['attempts']}  {item['reason']}"
+                )
         return EXIT_OK
 
     outbox = _single_outbox(outboxes, action)
     if action == "show":
-        letter = outbox.dead_letter(args.entry_id)
-        if letter is None:
-            print(f"error: entry {args.entry_id!r} is not a dead letter of outbox {outbox.name}", file=sys.stderr)
+        found = outbox.dead_letter(args.entry_id)
+        if found is None:
+            print(
+                f"error: entry {args.entry_id!r} is not a dead letter of outbox {outbox.name}",
+                file=sys.stderr,
+            )
             return EXIT_FAILED
-        fields = {"outbox": outbox.name, **_letter_fields(letter, with_message=True)}
+        fields = {"outbox": outbox.name, **_letter_fields(found, with_message=True)}
         if args.json:
             print(msgspec.json.encode(fields).decode())
         else:

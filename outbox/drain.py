@@ -69,7 +69,9 @@ class DrainSettings:
 
     def check(self) -> None:
         if not 1 <= self.batch_size <= 10_000:
-            raise OutboxConfigError(f"batch size must be between 1 and 10000, got {self.batch_size}")
+            raise OutboxConfigError(
+                f"batch size must be between 1 and 10000, got {self.batch_size}"
+            )
         if self.lease_ms < 100:
             raise OutboxConfigError(f"lease must be at least 100 ms, got {self.lease_ms}")
         if self.max_attempts < 1:
@@ -151,10 +153,14 @@ class Drainer:
                 outage_since = outage_since if outage_since is not None else now
                 if now - outage_since >= max_outage_s:
                     logger.error(
-                        "RabbitMQ kept failing for %.0f s, giving up: %s", max_outage_s, self._broker_down
+                        "RabbitMQ kept failing for %.0f s, giving up: %s",
+                        max_outage_s,
+                        self._broker_down,
                     )
                     return False
-                logger.warning("RabbitMQ failed, retrying in %.1f s: %s", backoff, self._broker_down)
+                logger.warning(
+                    "RabbitMQ failed, retrying in %.1f s: %s", backoff, self._broker_down
+                )
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
                 continue
@@ -180,7 +186,8 @@ class Drainer:
                 if not was_down:
                     logger.warning(
                         "RabbitMQ is unavailable, retrying with backoff up to %.0f s: %s",
-                        _BACKOFF_MAX_S, self._broker_down,
+                        _BACKOFF_MAX_S,
+                        self._broker_down,
                     )
                 self.stopping.wait(backoff * (0.5 + random.random() / 2))
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
@@ -215,7 +222,9 @@ class Drainer:
             self.counts.dead_lettered += claim.dead_lettered
             logger.warning(
                 "Dead-lettered %d entries of outbox %s after %d attempts each",
-                claim.dead_lettered, outbox.name, settings.max_attempts,
+                claim.dead_lettered,
+                outbox.name,
+                settings.max_attempts,
             )
         if not claim.leases:
             return claim.dead_lettered
@@ -235,8 +244,11 @@ class Drainer:
                 continue
             if len(record.body) > settings.max_message_bytes:
                 too_large.append(
-                    (lease, f"message {record.message_id} has {len(record.body)} bytes, more "
-                     f"than the maximum of {settings.max_message_bytes}")
+                    (
+                        lease,
+                        f"message {record.message_id} has {len(record.body)} bytes, more "
+                        f"than the maximum of {settings.max_message_bytes}",
+                    )
                 )
                 continue
             sendable.append((lease, record))
@@ -246,7 +258,9 @@ class Drainer:
             # to the dead letters.
             if outbox.bury([lease], reason=reason)[0]:
                 self.counts.dead_lettered += 1
-                logger.warning("Dead-lettered entry %s of outbox %s: %s", lease.entry_id, outbox.name, reason)
+                logger.warning(
+                    "Dead-lettered entry %s of outbox %s: %s", lease.entry_id, outbox.name, reason
+                )
         for lease, reason in too_large:
             self._release_failed(outbox, [lease], reason, refund=False)
 
@@ -273,7 +287,9 @@ class Drainer:
             self._release_failed(outbox, leases, str(exc), refund=True)
             return
 
-        confirmed = [lease for (lease, _), result in zip(sendable, results) if result.confirmed]
+        confirmed = [
+            lease for (lease, _), result in zip(sendable, results, strict=True) if result.confirmed
+        ]
         if confirmed:
             acked = outbox.ack(confirmed)
             self.counts.published += len(confirmed)
@@ -282,21 +298,30 @@ class Drainer:
                 self.counts.lost_leases += lost
                 logger.warning(
                     "%d leases of outbox %s expired before their ack; those messages will be "
-                    "published again (same message_id)", lost, outbox.name,
+                    "published again (same message_id)",
+                    lost,
+                    outbox.name,
                 )
-            for (lease, record), result in zip(sendable, results):
+            for (lease, record), result in zip(sendable, results, strict=True):
                 if result.confirmed:
-                    logger.debug("Published message %s (entry %s of %s)", record.message_id, lease.entry_id, outbox.name)
+                    logger.debug(
+                        "Published message %s (entry %s of %s)",
+                        record.message_id,
+                        lease.entry_id,
+                        outbox.name,
+                    )
 
         by_message = [
-            (lease, result) for (lease, _), result in zip(sendable, results)
+            (lease, result)
+            for (lease, _), result in zip(sendable, results, strict=True)
             if result.status is PublishStatus.RETURNED
         ]
         for lease, result in by_message:
             self._release_failed(outbox, [lease], str(result.error), refund=False)
 
         by_broker = [
-            (lease, result) for (lease, _), result in zip(sendable, results)
+            (lease, result)
+            for (lease, _), result in zip(sendable, results, strict=True)
             if result.status in (PublishStatus.NACKED, PublishStatus.FAILED)
         ]
         if by_broker:
@@ -305,17 +330,28 @@ class Drainer:
                 outbox, [lease for lease, _ in by_broker], str(by_broker[0][1].error), refund=True
             )
 
-    def _release_failed(self, outbox: Outbox, leases: list[Lease], error: str, *, refund: bool) -> None:
+    def _release_failed(
+        self, outbox: Outbox, leases: list[Lease], error: str, *, refund: bool
+    ) -> None:
         delay_ms = 0 if refund else self.settings.retry_delay_ms
         released = outbox.release(leases, delay_ms=delay_ms, refund=refund, error=error)
         self.counts.failed += len(leases)
         if refund:
-            logger.debug("Released %d entries of outbox %s for a broker failure: %s", sum(released), outbox.name, error)
+            logger.debug(
+                "Released %d entries of outbox %s for a broker failure: %s",
+                sum(released),
+                outbox.name,
+                error,
+            )
             return
         for lease in leases:
             logger.warning(
                 "Publishing entry %s of outbox %s failed [%d/%d]: %s",
-                lease.entry_id, outbox.name, lease.attempts, self.settings.max_attempts, error,
+                lease.entry_id,
+                outbox.name,
+                lease.attempts,
+                self.settings.max_attempts,
+                error,
             )
 
 

@@ -71,7 +71,10 @@ class Message(msgspec.Struct, kw_only=True):
         """Return the message's own fields as JSON-ready values."""
         names = [f for f in self.__struct_fields__ if f not in _ENVELOPE_FIELDS]
         values = {name: getattr(self, name) for name in names}
-        return msgspec.to_builtins(values, enc_hook=_reject_unknown, builtin_types=(datetime,))
+        builtins: dict[str, Any] = msgspec.to_builtins(
+            values, enc_hook=_reject_unknown, builtin_types=(datetime,)
+        )
+        return builtins
 
 
 _ENVELOPE_FIELDS = frozenset({"id", "occurred_on", "meta"})
@@ -124,9 +127,9 @@ def _wire_value(value: Any, path: str) -> Any:
         return {key: _wire_value(item, f"{path}.{key}") for key, item in value.items()}
     if isinstance(value, list):
         return [_wire_value(item, f"{path}[{index}]") for index, item in enumerate(value)]
-    if isinstance(value, int) and not isinstance(value, bool):
-        if not _INT64_MIN <= value <= _UINT64_MAX:
-            raise ValueError(f"integer {value} does not fit in 64 bits - at {path}")
+    is_integer = isinstance(value, int) and not isinstance(value, bool)
+    if is_integer and not _INT64_MIN <= value <= _UINT64_MAX:
+        raise ValueError(f"integer {value} does not fit in 64 bits - at {path}")
     return value
 
 

@@ -228,7 +228,9 @@ class ConfirmingPublisher:
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
         self._connection = connection
-        done = self._run_until(lambda: bool(opened or failure), self.connector.connect_timeout_s + 1)
+        done = self._run_until(
+            lambda: bool(opened or failure), self.connector.connect_timeout_s + 1
+        )
         if opened:
             logger.debug("Connected to RabbitMQ at %s", self.connector.address)
             return
@@ -262,7 +264,9 @@ class ConfirmingPublisher:
         self._channel = None
         self._next_tag = 0
         self._connection.channel(on_open_callback=on_channel_open)
-        if not self._run_until(lambda: bool(ready) or self._lost(), self.connector.connect_timeout_s):
+        if not self._run_until(
+            lambda: bool(ready) or self._lost(), self.connector.connect_timeout_s
+        ):
             self._discard_connection()
             raise BrokerUnavailableError(
                 f"opening a channel on RabbitMQ at {self.connector.address} timed out"
@@ -275,8 +279,10 @@ class ConfirmingPublisher:
             )
 
     def _lost(self) -> bool:
-        return self._connection is None or self._connection.is_closed or (
-            self._channel is not None and self._channel.is_closed
+        return (
+            self._connection is None
+            or self._connection.is_closed
+            or (self._channel is not None and self._channel.is_closed)
         )
 
     def _failure(self) -> BrokerError:
@@ -309,7 +315,9 @@ class ConfirmingPublisher:
             durable=True,
             callback=lambda _frame: declared.append(True),
         )
-        if not self._run_until(lambda: bool(declared) or self._lost(), self.connector.confirm_timeout_s):
+        if not self._run_until(
+            lambda: bool(declared) or self._lost(), self.connector.confirm_timeout_s
+        ):
             self._discard_connection()
             raise PublishTimeoutError(f"declaring exchange {exchange!r} timed out")
         if declared:
@@ -319,7 +327,9 @@ class ConfirmingPublisher:
         if isinstance(error, ChannelClosedError) and error.reply_code == _PRECONDITION_FAILED:
             logger.warning(
                 "Exchange %s exists with other arguments than a durable topic exchange; "
-                "publishing to it as it is: %s", exchange, error,
+                "publishing to it as it is: %s",
+                exchange,
+                error,
             )
             self._declared.add(exchange)
             self.connect()
@@ -345,10 +355,10 @@ class ConfirmingPublisher:
             return []
         self.connect()
         if self._blocked_reason is not None:
-            error = BrokerUnavailableError(
+            blocked = BrokerUnavailableError(
                 f"RabbitMQ at {self.connector.address} blocks publishing: {self._blocked_reason}"
             )
-            return [PublishResult(PublishStatus.FAILED, error) for _ in records]
+            return [PublishResult(PublishStatus.FAILED, blocked) for _ in records]
         for exchange in {record.exchange for record in records}:
             self.declare_exchange(exchange)
 
@@ -388,7 +398,10 @@ class ConfirmingPublisher:
                 self._discard_connection()
             else:
                 self._fail_waiting(self._failure())
-        results = [result or PublishResult(PublishStatus.FAILED, self._failure()) for result in self._results]
+        results = [
+            result or PublishResult(PublishStatus.FAILED, self._failure())
+            for result in self._results
+        ]
         self._batch = ()
         self._results = []
         return results
@@ -452,7 +465,9 @@ class ConfirmingPublisher:
         self._channel_error = ChannelClosedError(
             f"RabbitMQ closed the channel: {code} {text}", reply_code=code
         )
-        logger.warning("RabbitMQ at %s closed the channel: %s %s", self.connector.address, code, text)
+        logger.warning(
+            "RabbitMQ at %s closed the channel: %s %s", self.connector.address, code, text
+        )
 
     def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
         self._connection_error = reason
@@ -464,7 +479,9 @@ class ConfirmingPublisher:
     def _on_blocked(self, _connection: Any, frame: Any) -> None:
         self._blocked_reason = getattr(frame.method, "reason", "") or "connection blocked"
         logger.warning(
-            "RabbitMQ at %s blocked the connection: %s", self.connector.address, self._blocked_reason
+            "RabbitMQ at %s blocked the connection: %s",
+            self.connector.address,
+            self._blocked_reason,
         )
 
     def _on_unblocked(self, _connection: Any, _frame: Any) -> None:

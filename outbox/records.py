@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from outbox import messages, naming
-from outbox.errors import RecordDecodeError
+from outbox.errors import OutboxConfigError, RecordDecodeError
 
 RECORD_FORMAT = 1
 """Version of the record layout written by this release; newer ones are rejected."""
@@ -84,7 +84,9 @@ def decode_record(payload: bytes) -> OutboxRecord:
     try:
         probe = _probe_decoder.decode(payload)
     except msgspec.DecodeError as exc:
-        raise RecordDecodeError(f"entry is neither an outbox record nor petisco JSON: {exc}") from exc
+        raise RecordDecodeError(
+            f"entry is neither an outbox record nor petisco JSON: {exc}"
+        ) from exc
     if probe.format > RECORD_FORMAT:
         raise RecordDecodeError(
             f"record format {probe.format} is newer than this drainer reads ({RECORD_FORMAT}); "
@@ -112,7 +114,7 @@ def _decode_petisco(payload: bytes) -> OutboxRecord:
             kind=decoded.kind,
             name=decoded.name,
         )
-    except naming.OutboxConfigError as exc:
+    except OutboxConfigError as exc:
         raise RecordDecodeError(f"petisco record names an invalid exchange: {exc}") from exc
     return OutboxRecord(
         exchange=naming.exchange_name(record.organization, record.service),

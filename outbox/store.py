@@ -278,7 +278,7 @@ class Outbox:
         reasons, attempts, payloads = self._run("read dead letters", read)
         return [
             DeadLetter(entry_id, _text(reason or b""), int(tries or 0), dead_at, bytes(payload or b""))
-            for (entry_id, dead_at), reason, tries, payload in zip(ids, reasons, attempts, payloads)
+            for (entry_id, dead_at), reason, tries, payload in zip(ids, reasons, attempts, payloads, strict=True)
         ]
 
     def _admin(self, script: str, keys: list[str], entry_ids: Iterable[str] | None) -> int:
