@@ -9,10 +9,14 @@ for ``python -m outbox.drain`` to republish.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+import msgspec
+import redis.exceptions as redis_errors
 
 from outbox.errors import (
     BrokerError,
@@ -24,7 +28,7 @@ from outbox.errors import (
     PublishAndStoreError,
 )
 from outbox.messages import Command, DomainEvent, Message
-from outbox.naming import MessageKind, check_name_part, outbox_name
+from outbox.naming import REGISTRY_KEY, MessageKind, check_name_part, outbox_name
 from outbox.rabbitmq import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ConfirmingPublisher,
@@ -39,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 DEFAULT_RETRY_INTERVAL_S = 5.0
+# RabbitMQ accepts per-message TTLs up to 2^32 - 1 milliseconds.
+_MAX_EXPIRATION_MS = 2**32 - 1
 
 
 class Fallback(Protocol):
@@ -75,6 +81,54 @@ def _with_meta(messages: list[M], meta: dict[str, Any]) -> list[M]:
     return [message.with_meta(**meta) for message in messages]
 
 
+def _expiration_ms(expiration_s: float | None) -> int | None:
+    """Convert a per-message TTL in seconds to the whole milliseconds AMQP expects."""
+    if expiration_s is None:
+        return None
+    valid = isinstance(expiration_s, int | float) and not isinstance(expiration_s, bool)
+    if not valid or not math.isfinite(expiration_s) or expiration_s <= 0:
+        raise OutboxConfigError(
+            f"expiration_s must be a positive number of seconds, got {expiration_s!r}"
+        )
+    milliseconds = round(expiration_s * 1000)
+    if milliseconds < 1 or milliseconds > _MAX_EXPIRATION_MS:
+        raise OutboxConfigError(
+            f"expiration_s must be between 0.001 and {_MAX_EXPIRATION_MS // 1000} seconds, "
+            f"got {expiration_s!r}"
+        )
+    return milliseconds
+
+
+def _records(
+    messages: Sequence[Message], organization: str, service: str, expiration_ms: int | None
+) -> list[OutboxRecord]:
+    records = [record_for(m, organization=organization, service=service) for m in messages]
+    if expiration_ms is None:
+        return records
+    return [msgspec.structs.replace(r, expiration_ms=expiration_ms) for r in records]
+
+
+class MetaView(Generic[M]):
+    """A bus that adds the same meta to every message it publishes or dispatches."""
+
+    def __init__(self, bus: Any, meta: dict[str, Any]) -> None:
+        self._bus = bus
+        self._meta = meta
+
+    def with_meta(self, **meta: Any) -> MetaView[M]:
+        return MetaView(self._bus, {**self._meta, **meta})
+
+    def publish(
+        self, event_or_events: M | Iterable[M], *, expiration_s: float | None = None
+    ) -> None:
+        self._bus._send_messages(event_or_events, self._meta, expiration_s)
+
+    def dispatch(
+        self, command_or_commands: M | Iterable[M], *, expiration_s: float | None = None
+    ) -> None:
+        self._bus._send_messages(command_or_commands, self._meta, expiration_s)
+
+
 class _RedisBus(Generic[M]):
     kind: ClassVar[MessageKind]
     _message_type: ClassVar[type[Message]]
@@ -94,47 +148,82 @@ class _RedisBus(Generic[M]):
         self.outbox = Outbox(
             redis, outbox_name(organization, service, self.kind), retry_for_s=retry_for_s
         )
+        self._registered = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(outbox={self.outbox.name!r})"
 
-    def _records(self, messages: list[M]) -> list[OutboxRecord]:
-        return [
-            record_for(message, organization=self.organization, service=self.service)
-            for message in messages
-        ]
+    def with_meta(self, **meta: Any) -> MetaView[M]:
+        """Return a view of this bus that adds ``meta`` to every message, such as a correlation id."""
+        return MetaView(self, meta)
+
+    def _send_messages(
+        self, messages: M | Iterable[M], meta: dict[str, Any], expiration_s: float | None
+    ) -> None:
+        items = _with_meta(_as_list(messages, self._message_type), meta)
+        expiration_ms = _expiration_ms(expiration_s)
+        self.store(_records(items, self.organization, self.service, expiration_ms))
 
     def store(self, records: Sequence[OutboxRecord]) -> None:
         """Store records in the outbox in one atomic push, oldest first out."""
         self.outbox.push([encode_record(record) for record in records])
         for record in records:
             logger.debug("Stored message %s in outbox %s", record.message_id, self.outbox.name)
+        if not self._registered:
+            self._register()
+
+    def _register(self) -> None:
+        # Lets drainers started without --outbox find this outbox within a second. The
+        # entries are stored already, so a failure here only delays discovery until the
+        # drainer's next keyspace scan.
+        try:
+            self.outbox.client.sadd(REGISTRY_KEY, self.outbox.name)
+            self._registered = True
+        except redis_errors.RedisError as exc:
+            logger.debug("Registering outbox %s failed: %s", self.outbox.name, exc)
 
 
 class RedisDomainEventBus(_RedisBus[DomainEvent]):
     """Stores domain events in the outbox ``{organization}.{service}.events``."""
 
     kind: ClassVar[MessageKind] = "event"
+    _message_type: ClassVar[type[Message]] = DomainEvent
 
-    def publish(self, event_or_events: DomainEvent | Iterable[DomainEvent], **meta: Any) -> None:
-        """Store one event or a list of events; ``meta`` is added to each event's meta."""
-        events = _with_meta(_as_list(event_or_events, DomainEvent), meta)
-        self.store(self._records(events))
+    def publish(
+        self,
+        event_or_events: DomainEvent | Iterable[DomainEvent],
+        *,
+        expiration_s: float | None = None,
+    ) -> None:
+        """Store one event or a list of events in one atomic push.
+
+        ``expiration_s`` is a per-message TTL in seconds, counted from now.
+        """
+        self._send_messages(event_or_events, {}, expiration_s)
 
 
 class RedisCommandBus(_RedisBus[Command]):
     """Stores commands in the outbox ``{organization}.{service}.commands``."""
 
     kind: ClassVar[MessageKind] = "command"
+    _message_type: ClassVar[type[Message]] = Command
 
-    def dispatch(self, command_or_commands: Command | Iterable[Command], **meta: Any) -> None:
-        """Store one command or a list of commands; ``meta`` is added to each command's meta."""
-        commands = _with_meta(_as_list(command_or_commands, Command), meta)
-        self.store(self._records(commands))
+    def dispatch(
+        self,
+        command_or_commands: Command | Iterable[Command],
+        *,
+        expiration_s: float | None = None,
+    ) -> None:
+        """Store one command or a list of commands in one atomic push.
+
+        ``expiration_s`` is a per-message TTL in seconds, counted from now.
+        """
+        self._send_messages(command_or_commands, {}, expiration_s)
 
 
 class _RabbitMqBus(Generic[M]):
     kind: ClassVar[MessageKind]
+    _message_type: ClassVar[type[Message]]
 
     def __init__(
         self,
@@ -182,13 +271,20 @@ class _RabbitMqBus(Generic[M]):
         with self._lock:
             self._publisher.close()
 
-    def _send(self, messages: list[M]) -> None:
-        if not messages:
+    def with_meta(self, **meta: Any) -> MetaView[M]:
+        """Return a view of this bus that adds ``meta`` to every message, such as a correlation id."""
+        return MetaView(self, meta)
+
+    def _send_messages(
+        self, messages: M | Iterable[M], meta: dict[str, Any], expiration_s: float | None
+    ) -> None:
+        items = _with_meta(_as_list(messages, self._message_type), meta)
+        expiration_ms = _expiration_ms(expiration_s)
+        if not items:
             return
-        records = [
-            record_for(message, organization=self.organization, service=self.service)
-            for message in messages
-        ]
+        self._send(_records(items, self.organization, self.service, expiration_ms))
+
+    def _send(self, records: list[OutboxRecord]) -> None:
         for record in records:
             if len(record.body) > self.max_message_bytes:
                 raise MessageTooLargeError(
@@ -279,26 +375,40 @@ class RabbitMqDomainEventBus(_RabbitMqBus[DomainEvent]):
     """Publishes domain events to the exchange ``{organization}.{service}``."""
 
     kind: ClassVar[MessageKind] = "event"
+    _message_type: ClassVar[type[Message]] = DomainEvent
 
-    def publish(self, event_or_events: DomainEvent | Iterable[DomainEvent], **meta: Any) -> None:
-        """Publish one event or a list of events; ``meta`` is added to each event's meta.
+    def publish(
+        self,
+        event_or_events: DomainEvent | Iterable[DomainEvent],
+        *,
+        expiration_s: float | None = None,
+    ) -> None:
+        """Publish one event or a list of events.
 
+        ``expiration_s`` is a per-message TTL in seconds, sent as AMQP ``expiration``.
         Returns once RabbitMQ confirmed every event or the fallback stored the others.
         Raises BrokerError without a fallback, PublishAndStoreError when the fallback
         fails too, and MessageError, before sending anything, for events that cannot be sent.
         """
-        self._send(_with_meta(_as_list(event_or_events, DomainEvent), meta))
+        self._send_messages(event_or_events, {}, expiration_s)
 
 
 class RabbitMqCommandBus(_RabbitMqBus[Command]):
     """Sends commands to the exchange ``{organization}.{service}``."""
 
     kind: ClassVar[MessageKind] = "command"
+    _message_type: ClassVar[type[Message]] = Command
 
-    def dispatch(self, command_or_commands: Command | Iterable[Command], **meta: Any) -> None:
-        """Send one command or a list of commands; ``meta`` is added to each command's meta.
+    def dispatch(
+        self,
+        command_or_commands: Command | Iterable[Command],
+        *,
+        expiration_s: float | None = None,
+    ) -> None:
+        """Send one command or a list of commands.
 
+        ``expiration_s`` is a per-message TTL in seconds, sent as AMQP ``expiration``.
         Returns once RabbitMQ confirmed every command or the fallback stored the others.
         Raises as :meth:`RabbitMqDomainEventBus.publish` does.
         """
-        self._send(_with_meta(_as_list(command_or_commands, Command), meta))
+        self._send_messages(command_or_commands, {}, expiration_s)

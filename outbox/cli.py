@@ -22,6 +22,7 @@ from outbox.drain import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LEASE_MS,
     DEFAULT_RETRY_DELAY_MS,
+    DrainCounts,
     Drainer,
     DrainSettings,
 )
@@ -214,8 +215,55 @@ def drain_parser() -> argparse.ArgumentParser:
         help="with --once: seconds RabbitMQ may keep failing before the drainer gives up "
         "and exits 1 (env OUTBOX_MAX_OUTAGE_S; default %(default)s)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env_int("OUTBOX_METRICS_PORT", 0),
+        help="serve Prometheus metrics on this port; 0 serves none "
+        "(env OUTBOX_METRICS_PORT; default %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        default=_env("OUTBOX_METRICS_ADDRESS", "0.0.0.0"),
+        help="address the metrics server listens on "
+        "(env OUTBOX_METRICS_ADDRESS; default %(default)s)",
+    )
+    parser.add_argument(
+        "--progress",
+        choices=["auto", "always", "never"],
+        default=_env("OUTBOX_PROGRESS", "auto"),
+        help="with --once: show a progress line with count, rate and time left; auto shows it "
+        "only when stderr is a terminal (env OUTBOX_PROGRESS; default %(default)s)",
+    )
     _add_logging_options(parser)
     return parser
+
+
+class ProgressLine:
+    """One self-rewriting line on stderr: published so far, rate and estimated time left."""
+
+    def __init__(self, total: int) -> None:
+        self.total = max(total, 1)
+        self.started = time.monotonic()
+        self.last_drawn = 0.0
+
+    def update(self, counts: DrainCounts, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.last_drawn < 0.2:
+            return
+        self.last_drawn = now
+        done = counts.published + counts.dead_lettered
+        elapsed = max(now - self.started, 1e-6)
+        rate = counts.published / elapsed
+        left = max(self.total - done, 0)
+        eta = f"{left / rate:.0f} s left" if rate > 0 and left else "-"
+        width = 30
+        filled = min(width, int(width * done / self.total))
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(f"\r[{bar}] {done}/{self.total}  {rate:,.0f} messages/s  {eta}   ")
+        if final:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
 
 
 def drain_command(argv: Sequence[str] | None = None) -> int:
@@ -253,8 +301,27 @@ def drain_command(argv: Sequence[str] | None = None) -> int:
             connector.address,
             " once" if args.once else "",
         )
+        if args.metrics_port:
+            try:
+                drainer.serve_metrics(args.metrics_port, args.metrics_address)
+            except OSError as exc:
+                print(
+                    f"error: cannot serve metrics on {args.metrics_address}:{args.metrics_port}: "
+                    f"{exc}; choose another --metrics-port",
+                    file=sys.stderr,
+                )
+                drainer.close()
+                return EXIT_USAGE
         if args.once:
-            if not drainer.drain_once(max_outage_s=args.max_outage_s):
+            show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
+            progress = ProgressLine(drainer.unfinished()) if show else None
+            finished = drainer.drain_once(
+                max_outage_s=args.max_outage_s,
+                on_progress=progress.update if progress is not None else None,
+            )
+            if progress is not None:
+                progress.update(drainer.counts, final=True)
+            if not finished:
                 status = EXIT_FAILED
         else:
             drainer.run_forever()

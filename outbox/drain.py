@@ -17,6 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+import redis.exceptions as redis_errors
+
 from outbox.errors import BrokerError, BrokerUnavailableError, OutboxConfigError, RecordDecodeError
 from outbox.rabbitmq import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -25,7 +28,13 @@ from outbox.rabbitmq import (
     RabbitMqConnector,
 )
 from outbox.records import OutboxRecord, decode_record
-from outbox.store import DEFAULT_MAX_ATTEMPTS, Lease, Outbox, discover_outboxes
+from outbox.store import (
+    DEFAULT_MAX_ATTEMPTS,
+    Lease,
+    Outbox,
+    discover_outboxes,
+    registered_outboxes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +46,11 @@ _IDLE_WAIT_MIN_S = 0.05
 _IDLE_WAIT_MAX_S = 0.5
 _BACKOFF_MIN_S = 0.5
 _BACKOFF_MAX_S = 30.0
-_REDISCOVER_EVERY_S = 5.0
+# The outbox registry is read this often, the whole keyspace scanned far less often.
+_READ_REGISTRY_EVERY_S = 1.0
+_SCAN_KEYSPACE_EVERY_S = 60.0
+# Longest block in Redis while waiting for entries; a stop request waits at most this long.
+_BLOCK_S = 1.0
 
 
 @dataclass
@@ -97,26 +110,40 @@ class Drainer:
         self.stopping = threading.Event()
         self._publisher: ConfirmingPublisher = connector.publisher()
         self._outboxes: dict[str, Outbox] = {}
-        self._discovered_at = float("-inf")
+        self._scanned_at = float("-inf")
+        self._registry_read_at = float("-inf")
         self._broker_down: BrokerError | None = None
         self._recovering = False
+        self.metrics: Any = None
 
     def close(self) -> None:
         self._publisher.close()
+
+    def serve_metrics(self, port: int, address: str = "0.0.0.0") -> None:
+        """Serve Prometheus metrics on ``address:port`` while the drainer runs."""
+        from outbox.metrics import DrainMetrics
+
+        self.metrics = DrainMetrics(self.outboxes)
+        self.metrics.serve(port, address)
 
     # Outboxes
 
     def outboxes(self, *, refresh: bool = False) -> list[Outbox]:
         """Return the outboxes to drain: the configured ones, else every one found in Redis."""
         names: Sequence[str] = self.settings.outboxes
-        if not names:
-            now = time.monotonic()
-            if refresh or now - self._discovered_at > _REDISCOVER_EVERY_S:
-                self._discovered_at = now
-                for name in discover_outboxes(self.redis):
-                    self._outbox(name)
-            return list(self._outboxes.values())
-        return [self._outbox(name) for name in names]
+        if names:
+            return [self._outbox(name) for name in names]
+        now = time.monotonic()
+        if now - self._scanned_at > _SCAN_KEYSPACE_EVERY_S:
+            self._scanned_at = now
+            self._registry_read_at = now
+            for name in discover_outboxes(self.redis):
+                self._outbox(name)
+        elif refresh or now - self._registry_read_at > _READ_REGISTRY_EVERY_S:
+            self._registry_read_at = now
+            for name in registered_outboxes(self.redis):
+                self._outbox(name)
+        return list(self._outboxes.values())
 
     def _outbox(self, name: str) -> Outbox:
         if name not in self._outboxes:
@@ -171,7 +198,7 @@ class Drainer:
                 continue
             if self.unfinished() == 0:
                 return True
-            self.stopping.wait(idle_wait)
+            self.wait_for_entries(idle_wait)
             idle_wait = min(idle_wait * 2, _IDLE_WAIT_MAX_S)
         return True
 
@@ -201,8 +228,26 @@ class Drainer:
             if handled:
                 idle_wait = _IDLE_WAIT_MIN_S
                 continue
-            self.stopping.wait(idle_wait)
+            self.wait_for_entries(idle_wait)
             idle_wait = min(idle_wait * 2, _IDLE_WAIT_MAX_S)
+
+    def wait_for_entries(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for new entries, returning early when one arrives.
+
+        With one outbox the wait blocks in Redis (BLMOVE of the pending list onto
+        itself, which leaves the list unchanged) and wakes as soon as a producer pushes.
+        With several, it sleeps ``timeout_s``, which stays at most _IDLE_WAIT_MAX_S.
+        """
+        outboxes = self.outboxes()
+        if len(outboxes) != 1:
+            self.stopping.wait(timeout_s)
+            return
+        pending = outboxes[0].keys.pending
+        try:
+            self.redis.blmove(pending, pending, _BLOCK_S, "RIGHT", "RIGHT")
+        except redis_errors.RedisError as exc:
+            logger.debug("Waiting on outbox %s failed: %s", outboxes[0].name, exc)
+            self.stopping.wait(timeout_s)
 
     def run_round(self) -> int:
         """Claim and process one batch of every outbox; return how many entries were handled."""
@@ -220,6 +265,8 @@ class Drainer:
         claim = outbox.claim(batch_size=settings.batch_size, lease_ms=settings.lease_ms)
         if claim.dead_lettered:
             self.counts.dead_lettered += claim.dead_lettered
+            if self.metrics is not None:
+                self.metrics.dead_lettered.labels(outbox.name).inc(claim.dead_lettered)
             logger.warning(
                 "Dead-lettered %d entries of outbox %s after %d attempts each",
                 claim.dead_lettered,
@@ -228,20 +275,34 @@ class Drainer:
             )
         if not claim.leases:
             return claim.dead_lettered
-        self._process(outbox, claim.leases)
+        self._process(outbox, claim.leases, claim.server_time_ms)
         return len(claim.leases) + claim.dead_lettered
 
-    def _process(self, outbox: Outbox, leases: list[Lease]) -> None:
+    def _process(self, outbox: Outbox, leases: list[Lease], now_ms: int) -> None:
         settings = self.settings
         sendable: list[tuple[Lease, OutboxRecord]] = []
-        undecodable: list[tuple[Lease, str]] = []
+        unpublishable: list[tuple[Lease, str]] = []
         too_large: list[tuple[Lease, str]] = []
         for lease in leases:
             try:
                 record = decode_record(lease.payload)
             except RecordDecodeError as exc:
-                undecodable.append((lease, f"cannot decode entry: {exc}"))
+                unpublishable.append((lease, f"cannot decode entry: {exc}"))
                 continue
+            if record.expiration_ms is not None:
+                # The TTL counts from when the producer stored the message, so the
+                # broker gets only what is left of it.
+                left_ms = record.stored_at_ms + record.expiration_ms - now_ms
+                if left_ms <= 0:
+                    unpublishable.append(
+                        (
+                            lease,
+                            f"message {record.message_id} expired {-left_ms} ms before it "
+                            f"could be published (expiration {record.expiration_ms} ms)",
+                        )
+                    )
+                    continue
+                record = msgspec.structs.replace(record, expiration_ms=left_ms)
             if len(record.body) > settings.max_message_bytes:
                 too_large.append(
                     (
@@ -253,16 +314,18 @@ class Drainer:
                 continue
             sendable.append((lease, record))
 
-        for lease, reason in undecodable:
-            # Decoding gives the same result on every attempt, so the entry goes straight
-            # to the dead letters.
+        for lease, reason in unpublishable:
+            # Decoding and expiry give the same result on every attempt, so the entry goes
+            # straight to the dead letters.
             if outbox.bury([lease], reason=reason)[0]:
                 self.counts.dead_lettered += 1
+                if self.metrics is not None:
+                    self.metrics.dead_lettered.labels(outbox.name).inc()
                 logger.warning(
                     "Dead-lettered entry %s of outbox %s: %s", lease.entry_id, outbox.name, reason
                 )
-        for lease, reason in too_large:
-            self._release_failed(outbox, [lease], reason, refund=False)
+        if too_large:
+            self._release_each(outbox, too_large, refund=False)
 
         if sendable:
             self._publish(outbox, sendable)
@@ -276,6 +339,7 @@ class Drainer:
             kept = outbox.extend(leases, lease_ms=settings.lease_ms)
             logger.debug("Renewed %d of %d leases of outbox %s", sum(kept), len(kept), outbox.name)
 
+        started = time.monotonic()
         try:
             results = self._publisher.publish(
                 [record for _, record in sendable],
@@ -286,6 +350,8 @@ class Drainer:
             self._broker_down = exc
             self._release_failed(outbox, leases, str(exc), refund=True)
             return
+        if self.metrics is not None:
+            self.metrics.publish_seconds.labels(outbox.name).observe(time.monotonic() - started)
 
         confirmed = [
             lease for (lease, _), result in zip(sendable, results, strict=True) if result.confirmed
@@ -293,9 +359,13 @@ class Drainer:
         if confirmed:
             acked = outbox.ack(confirmed)
             self.counts.published += len(confirmed)
+            if self.metrics is not None:
+                self.metrics.published.labels(outbox.name).inc(len(confirmed))
             lost = acked.count(False)
             if lost:
                 self.counts.lost_leases += lost
+                if self.metrics is not None:
+                    self.metrics.lost_leases.labels(outbox.name).inc(lost)
                 logger.warning(
                     "%d leases of outbox %s expired before their ack; those messages will be "
                     "published again (same message_id)",
@@ -316,8 +386,13 @@ class Drainer:
             for (lease, _), result in zip(sendable, results, strict=True)
             if result.status is PublishStatus.RETURNED
         ]
-        for lease, result in by_message:
-            self._release_failed(outbox, [lease], str(result.error), refund=False)
+        if by_message:
+            self._release_failed(
+                outbox,
+                [lease for lease, _ in by_message],
+                str(by_message[0][1].error),
+                refund=False,
+            )
 
         by_broker = [
             (lease, result)
@@ -333,26 +408,42 @@ class Drainer:
     def _release_failed(
         self, outbox: Outbox, leases: list[Lease], error: str, *, refund: bool
     ) -> None:
+        self._release_each(outbox, [(lease, error) for lease in leases], refund=refund)
+
+    def _release_each(
+        self, outbox: Outbox, failures: list[tuple[Lease, str]], *, refund: bool
+    ) -> None:
+        """Release failed entries, each with its own error; one release call per distinct error."""
         delay_ms = 0 if refund else self.settings.retry_delay_ms
-        released = outbox.release(leases, delay_ms=delay_ms, refund=refund, error=error)
-        self.counts.failed += len(leases)
+        by_error: dict[str, list[Lease]] = {}
+        for lease, error in failures:
+            by_error.setdefault(error, []).append(lease)
+        for error, leases in by_error.items():
+            outbox.release(leases, delay_ms=delay_ms, refund=refund, error=error)
+        self.counts.failed += len(failures)
+        if self.metrics is not None:
+            kind = "broker" if refund else "message"
+            self.metrics.failed.labels(outbox.name, kind).inc(len(failures))
+        first_error = failures[0][1]
         if refund:
             logger.debug(
                 "Released %d entries of outbox %s for a broker failure: %s",
-                sum(released),
+                len(failures),
                 outbox.name,
-                error,
+                first_error,
             )
             return
-        for lease in leases:
-            logger.warning(
-                "Publishing entry %s of outbox %s failed [%d/%d]: %s",
-                lease.entry_id,
-                outbox.name,
-                lease.attempts,
-                self.settings.max_attempts,
-                error,
-            )
+        logger.warning(
+            "Publishing %d entries of outbox %s failed [%d/%d], retrying in %d ms; first error: %s",
+            len(failures),
+            outbox.name,
+            max(lease.attempts for lease, _ in failures),
+            self.settings.max_attempts,
+            delay_ms,
+            first_error,
+        )
+        for lease, error in failures:
+            logger.debug("Entry %s of outbox %s failed: %s", lease.entry_id, outbox.name, error)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,9 @@ from outbox.errors import OutboxConfigError
 MessageKind = Literal["event", "command"]
 
 KEY_PREFIX = "outbox"
+# Set of outbox names that buses stored entries in; drainers read it to find new outboxes
+# without scanning the keyspace.
+REGISTRY_KEY = f"{KEY_PREFIX}:names"
 
 # Characters that would break a hash tag, a routing-key segment or a Redis key pattern.
 _FORBIDDEN_NAME_CHARS = re.compile(r"[{}\s*?\[\]]")

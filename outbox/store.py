@@ -24,7 +24,7 @@ from outbox.errors import (
     StoreReadOnlyError,
     StoreUnavailableError,
 )
-from outbox.naming import KEY_PREFIX, OutboxKeys, outbox_name_from_key
+from outbox.naming import KEY_PREFIX, REGISTRY_KEY, OutboxKeys, outbox_name_from_key
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,9 @@ class Outbox:
         self.name = name
         self.max_attempts = max_attempts
         self.retry_for_s = retry_for_s
-        self._scripts = {script: _scripts.register(client, script) for script in _scripts.SCRIPT_NAMES}
+        self._scripts = {
+            script: _scripts.register(client, script) for script in _scripts.SCRIPT_NAMES
+        }
 
     def __repr__(self) -> str:
         return f"Outbox({self.name!r})"
@@ -277,8 +279,12 @@ class Outbox:
 
         reasons, attempts, payloads = self._run("read dead letters", read)
         return [
-            DeadLetter(entry_id, _text(reason or b""), int(tries or 0), dead_at, bytes(payload or b""))
-            for (entry_id, dead_at), reason, tries, payload in zip(ids, reasons, attempts, payloads, strict=True)
+            DeadLetter(
+                entry_id, _text(reason or b""), int(tries or 0), dead_at, bytes(payload or b"")
+            )
+            for (entry_id, dead_at), reason, tries, payload in zip(
+                ids, reasons, attempts, payloads, strict=True
+            )
         ]
 
     def _admin(self, script: str, keys: list[str], entry_ids: Iterable[str] | None) -> int:
@@ -324,7 +330,11 @@ class Outbox:
                     raise error from exc
                 logger.warning(
                     "Redis %s on outbox %s failed, retrying in %.2f s [%d]: %s",
-                    operation, self.name, pause, attempt, exc,
+                    operation,
+                    self.name,
+                    pause,
+                    attempt,
+                    exc,
                 )
                 time.sleep(pause)
                 backoff *= 2
@@ -345,7 +355,9 @@ def translate_error(exc: redis_errors.RedisError, *, outbox: str, operation: str
     if isinstance(exc, redis_errors.BusyLoadingError):
         return StoreUnavailableError(f"{where}: Redis is loading its data set: {exc}; retry later")
     if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError):
-        return StoreUnavailableError(f"{where}: cannot reach Redis: {exc}; check that it is running")
+        return StoreUnavailableError(
+            f"{where}: cannot reach Redis: {exc}; check that it is running"
+        )
     if isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("BUSY"):
         return StoreUnavailableError(
             f"{where}: Redis is busy running another script: {exc}; retry later"
@@ -353,9 +365,21 @@ def translate_error(exc: redis_errors.RedisError, *, outbox: str, operation: str
     return StoreError(f"{where}: {exc}")
 
 
+def registered_outboxes(client: Any) -> list[str]:
+    """Return the outbox names that buses registered when they first stored an entry, sorted."""
+    try:
+        members = client.smembers(REGISTRY_KEY)
+    except redis_errors.RedisError as exc:
+        raise translate_error(exc, outbox="*", operation="read the outbox registry") from exc
+    return sorted(_text(member) for member in members)
+
+
 def discover_outboxes(client: Any) -> list[str]:
-    """Return the names of the outboxes that have pending, leased or dead entries, sorted."""
-    names: set[str] = set()
+    """Return the registered outboxes and those with pending, leased or dead keys, sorted.
+
+    Scans the whole keyspace; drainers do so rarely and read the registry in between.
+    """
+    names: set[str] = set(registered_outboxes(client))
     try:
         for key in client.scan_iter(match=f"{KEY_PREFIX}:{{*}}:*", count=1000):
             name = outbox_name_from_key(_text(key))

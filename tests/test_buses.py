@@ -101,7 +101,7 @@ def test_healthy_broker_delivers_with_properties(redis_client, rabbit, amqp_url)
     bus = RabbitMqDomainEventBus(organization, "shop", RabbitMqConnector(amqp_url), fallback=fallback)
     event = OrderPlaced(order_id="7")
 
-    bus.publish(event, correlation_id="req-1")
+    bus.with_meta(correlation_id="req-1").publish(event)
     bus.close()
 
     [(method, properties, body)] = rabbit.consume_all(queue, expected=1)
