@@ -54,9 +54,21 @@ def ensure_services(redis_port: int, amqp_port: int) -> None:
     if not port_open(redis_port) and shutil.which("redis-server"):
         print(f"Starting redis-server on port {redis_port}")
         subprocess.run(
-            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--daemonize", "yes",
-             "--save", "", "--appendonly", "no"],
-            check=True, stdout=subprocess.DEVNULL,
+            [
+                "redis-server",
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--daemonize",
+                "yes",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
     if not port_open(amqp_port) and shutil.which("rabbitmq-server"):
         print("Starting rabbitmq-server (this takes a few seconds)")
@@ -79,8 +91,12 @@ def show_stats(redis_url: str, outbox: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m outbox.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--count", type=int, default=10_000, help="events to publish (default %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m outbox.demo", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--count", type=int, default=10_000, help="events to publish (default %(default)s)"
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     args = parser.parse_args()
@@ -104,7 +120,9 @@ def main() -> int:
 
         unreachable = RabbitMqConnector(f"amqp://guest:guest@127.0.0.1:{closed_port()}/%2F")
         bus = RabbitMqDomainEventBus(
-            organization, service, unreachable,
+            organization,
+            service,
+            unreachable,
             fallback=RedisDomainEventBus(organization, service, redis_client),
         )
         print(f"Publishing {args.count} events to {exchange} with RabbitMQ unreachable...")
@@ -119,8 +137,18 @@ def main() -> int:
 
         print(f"\nDraining with: python -m outbox.drain --once --outbox {outbox_keys.name}")
         subprocess.run(
-            [sys.executable, "-m", "outbox.drain", "--once", "--redis-url", args.redis_url,
-             "--amqp-url", args.amqp_url, "--outbox", outbox_keys.name],
+            [
+                sys.executable,
+                "-m",
+                "outbox.drain",
+                "--once",
+                "--redis-url",
+                args.redis_url,
+                "--amqp-url",
+                args.amqp_url,
+                "--outbox",
+                outbox_keys.name,
+            ],
             check=True,
         )
         show_stats(args.redis_url, outbox_keys.name)
@@ -143,9 +171,21 @@ def main() -> int:
         channel.queue_delete(queue)
         channel.exchange_delete(exchange)
         connection.close()
-        redis_client.delete(*(getattr(outbox_keys, part) for part in (
-            "pending", "leased", "tokens", "payloads", "attempts", "errors", "dead", "sequence"
-        )))
+        redis_client.delete(
+            *(
+                getattr(outbox_keys, part)
+                for part in (
+                    "pending",
+                    "leased",
+                    "tokens",
+                    "payloads",
+                    "attempts",
+                    "errors",
+                    "dead",
+                    "sequence",
+                )
+            )
+        )
 
 
 if __name__ == "__main__":
