@@ -1,10 +1,13 @@
-#!lua
+#!lua flags=allow-oom
 --[[
 ack: delete entries whose publish RabbitMQ confirmed.
 
 Atomic: each entry is deleted only when the caller's token is its current lease
 token and the lease deadline has not passed on the Redis server clock, so a drainer
 whose lease expired or was taken over changes nothing.
+
+flags=allow-oom: runs when Redis has reached maxmemory, because deleting
+confirmed entries is how a full outbox frees memory.
 
 KEYS[1]  leased    zset  entry id -> lease deadline (ms)
 KEYS[2]  tokens    hash  entry id -> token of the current lease

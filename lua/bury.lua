@@ -1,4 +1,4 @@
-#!lua
+#!lua flags=allow-oom
 --[[
 bury: move leased entries to the dead letters with a reason.
 
@@ -6,6 +6,9 @@ Atomic: an entry is buried only when the caller's token is its current token and
 the lease deadline has not passed. The dead-letter entry is written before the
 lease is removed; the payload and attempt count stay so an operator can inspect
 and requeue it.
+
+flags=allow-oom: runs when Redis has reached maxmemory, so a drainer that is
+freeing memory can set aside entries it cannot publish.
 
 KEYS[1]  leased  zset  entry id -> lease deadline (ms)
 KEYS[2]  tokens  hash  entry id -> token of the current lease

@@ -1,4 +1,4 @@
-#!lua
+#!lua flags=allow-oom
 --[[
 claim: lease up to batch_size entries of one outbox to one drainer.
 
@@ -7,6 +7,9 @@ entries from the tail of the pending list (FIFO, since producers LPUSH at the he
 A taken-back entry that already used max_attempts claims goes to the dead letters
 instead. Every leased entry gets the same new token and a deadline of
 now + lease_ms, both from the Redis server clock.
+
+flags=allow-oom: runs when Redis has reached maxmemory, because draining is how
+a full outbox frees memory; one call grows memory by at most batch_size leases.
 
 KEYS[1]  pending   list    raw entries, newest at the head
 KEYS[2]  leased    zset    entry id -> lease deadline (ms, server time)

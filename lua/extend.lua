@@ -1,10 +1,13 @@
-#!lua
+#!lua flags=allow-oom
 --[[
 extend: renew leases so that a slow publish does not let them expire.
 
 Atomic: a lease is renewed only when the caller's token is its current token and
 its deadline has not passed; an expired lease cannot be revived. The new deadline is
 now + lease_ms on the Redis server clock.
+
+flags=allow-oom: runs when Redis has reached maxmemory, so a drainer that is
+freeing memory keeps its leases.
 
 KEYS[1]  leased  zset  entry id -> lease deadline (ms)
 KEYS[2]  tokens  hash  entry id -> token of the current lease

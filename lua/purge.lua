@@ -1,9 +1,12 @@
-#!lua
+#!lua flags=allow-oom
 --[[
 purge: delete dead letters for good.
 
 Atomic per call. Without ids, the oldest dead letters are deleted, at most limit;
 callers repeat until the reply is 0 to purge everything.
+
+flags=allow-oom: runs when Redis has reached maxmemory, because purging is one
+way to free memory.
 
 KEYS[1]  payloads  hash  entry id -> raw entry
 KEYS[2]  attempts  hash  entry id -> number of claims so far

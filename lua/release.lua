@@ -1,4 +1,4 @@
-#!lua
+#!lua flags=allow-oom
 --[[
 release: give leased entries back so that the next claim takes them again.
 
@@ -8,6 +8,9 @@ due at now + delay_ms (server clock), which the next claim treats like an expire
 lease. With refund = 1 the claim that
 leased it does not count as an attempt; broker-wide failures release this way so an
 outage cannot dead-letter the backlog.
+
+flags=allow-oom: runs when Redis has reached maxmemory, so a drainer that is
+freeing memory can hand back what it could not publish.
 
 KEYS[1]  leased    zset  entry id -> lease deadline (ms)
 KEYS[2]  tokens    hash  entry id -> token of the current lease
