@@ -15,6 +15,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import redis
 import redis.exceptions as redis_errors
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from outbox import _scripts
 from outbox.errors import (
@@ -99,6 +101,11 @@ class Outbox:
     ``decode_responses=False``. Operations that fail because Redis is unreachable,
     loading, busy with a script or read-only are retried for up to ``retry_for_s``
     seconds and then raise a :class:`StoreError` naming the outbox.
+
+    NOTE: a client that retries by itself stretches that bound by its own retries.
+    ``redis.Redis(host=..., port=...)`` retries 10 times with backoff of up to 1 s by
+    default (redis-py 8.2), so one attempt can take seconds. :func:`connect` creates a
+    client without those retries.
     """
 
     def __init__(
@@ -391,7 +398,12 @@ def discover_outboxes(client: Any) -> list[str]:
 
 
 def connect(url: str, **options: Any) -> redis.Redis:
-    """Create a redis-py client for ``url`` with the settings the outbox needs."""
+    """Create a redis-py client for ``url`` with the settings the outbox needs.
+
+    redis-py's own retries are off, so ``Outbox.retry_for_s`` alone bounds how long an
+    operation retries.
+    """
+    options.setdefault("retry", Retry(NoBackoff(), 0))
     options.setdefault("socket_timeout", 5.0)
     options.setdefault("socket_connect_timeout", 2.0)
     options.setdefault("health_check_interval", 30)
