@@ -29,6 +29,7 @@ from outbox.messages import Command, DomainEvent, Message, UnknownMessage, decod
 from outbox.rabbitmq import RabbitMqConnector
 from outbox.records import OutboxRecord
 from outbox.store import Outbox
+from outbox.transactional import OutboxCommandBus, OutboxDomainEventBus
 
 __all__ = [
     "BrokerError",
@@ -41,7 +42,9 @@ __all__ = [
     "MessageError",
     "MessageTooLargeError",
     "Outbox",
+    "OutboxCommandBus",
     "OutboxConfigError",
+    "OutboxDomainEventBus",
     "OutboxError",
     "OutboxRecord",
     "PublishAndStoreError",
