@@ -19,6 +19,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from outbox import _scripts
+from outbox.cluster import primary_client, refresh_slots
 from outbox.errors import (
     OutboxConfigError,
     StoreError,
@@ -157,6 +158,45 @@ class Outbox:
             return int(pipe.execute()[-1])
 
         return self._run("push", push_in_one_transaction)
+
+    def push_and_wait(self, payloads: Sequence[bytes], *, replicas: int, timeout_ms: int) -> int:
+        """Store entries as :meth:`push` does, then wait until ``replicas`` replicas have them.
+
+        Runs ``WAIT replicas timeout_ms`` on the connection that pushed, on the primary
+        that owns the outbox's slot, and returns how many replicas acknowledged the
+        push. Fewer than ``replicas`` means the entries are stored on the primary but
+        would be lost if it failed before replicating them; no error is raised then.
+        """
+        if replicas < 1:
+            raise OutboxConfigError(f"replicas must be at least 1, got {replicas}")
+        if timeout_ms < 1:
+            # WAIT with a timeout of 0 blocks until enough replicas answer, without limit.
+            raise OutboxConfigError(f"timeout_ms must be at least 1, got {timeout_ms}")
+        if not payloads:
+            return replicas
+
+        def push_and_wait_once() -> int:
+            node = primary_client(self.client, self.keys.pending)
+            # One non-transactional pipeline runs on one connection, which WAIT needs;
+            # MULTI and EXEC inside it keep a push of several chunks atomic.
+            pipe: Any = node.pipeline(transaction=False)
+            chunked = len(payloads) > PUSH_CHUNK
+            if chunked:
+                pipe.execute_command("MULTI")
+            for start in range(0, len(payloads), PUSH_CHUNK):
+                pipe.lpush(self.keys.pending, *payloads[start : start + PUSH_CHUNK])
+            if chunked:
+                pipe.execute_command("EXEC")
+            pipe.wait(replicas, timeout_ms)
+            try:
+                return int(pipe.execute()[-1])
+            except redis_errors.AskError:
+                # MOVED (a subclass of ASK) after a failover: nothing was stored, and the
+                # next attempt asks the cluster which primary owns the slot now.
+                refresh_slots(self.client)
+                raise
+
+        return self._run("push", push_and_wait_once)
 
     # Drainers
 
@@ -329,7 +369,7 @@ class Outbox:
             attempt += 1
             try:
                 return call()
-            except redis_errors.RedisError as exc:
+            except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
                 error = translate_error(exc, outbox=self.name, operation=operation)
                 transient = isinstance(error, StoreUnavailableError | StoreReadOnlyError)
                 pause = min(backoff, _MAX_BACKOFF_S) * (0.5 + random.random() / 2)
@@ -347,9 +387,20 @@ class Outbox:
                 backoff *= 2
 
 
-def translate_error(exc: redis_errors.RedisError, *, outbox: str, operation: str) -> StoreError:
+def translate_error(
+    exc: redis_errors.RedisError | redis_errors.RedisClusterException,
+    *,
+    outbox: str,
+    operation: str,
+) -> StoreError:
     """Map a redis-py error to the most specific StoreError, with what to do about it."""
     where = f"Redis {operation} on outbox {outbox!r} failed"
+    if isinstance(exc, redis_errors.RedisClusterException):
+        # Raised by a cluster client that reaches no node or finds a slot without a primary.
+        return StoreUnavailableError(
+            f"{where}: the Redis Cluster has no reachable primary for the outbox: {exc}; "
+            "check that the cluster is up"
+        )
     if isinstance(exc, redis_errors.OutOfMemoryError):
         return StoreFullError(
             f"{where}: Redis is out of memory (maxmemory reached): {exc}; "
@@ -365,6 +416,14 @@ def translate_error(exc: redis_errors.RedisError, *, outbox: str, operation: str
         return StoreUnavailableError(
             f"{where}: cannot reach Redis: {exc}; check that it is running"
         )
+    if isinstance(exc, redis_errors.ClusterDownError | redis_errors.TryAgainError):
+        return StoreUnavailableError(
+            f"{where}: the Redis Cluster is failing over or moving slots: {exc}; retry later"
+        )
+    if isinstance(exc, redis_errors.AskError):
+        return StoreUnavailableError(
+            f"{where}: the slot moved to another Redis Cluster node: {exc}; retry to follow it"
+        )
     if isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("BUSY"):
         return StoreUnavailableError(
             f"{where}: Redis is busy running another script: {exc}; retry later"
@@ -376,7 +435,7 @@ def registered_outboxes(client: Any) -> list[str]:
     """Return the outbox names that buses registered when they first stored an entry, sorted."""
     try:
         members = client.smembers(REGISTRY_KEY)
-    except redis_errors.RedisError as exc:
+    except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
         raise translate_error(exc, outbox="*", operation="read the outbox registry") from exc
     return sorted(_text(member) for member in members)
 
@@ -392,7 +451,7 @@ def discover_outboxes(client: Any) -> list[str]:
             name = outbox_name_from_key(_text(key))
             if name is not None:
                 names.add(name)
-    except redis_errors.RedisError as exc:
+    except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
         raise translate_error(exc, outbox="*", operation="scan") from exc
     return sorted(names)
 
