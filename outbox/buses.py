@@ -16,7 +16,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import msgspec
-import redis.exceptions as redis_errors
 
 from outbox.errors import (
     BrokerError,
@@ -25,10 +24,12 @@ from outbox.errors import (
     MessageTooLargeError,
     OutboxConfigError,
     OutboxError,
+    PartialStoreError,
     PublishAndStoreError,
 )
 from outbox.messages import Command, DomainEvent, Message
-from outbox.naming import REGISTRY_KEY, MessageKind, check_name_part, outbox_name
+from outbox.naming import MessageKind, check_name_part, outbox_name
+from outbox.partitions import DEFAULT_WAIT_TIMEOUT_MS, PartitionedOutbox, PartitionKey
 from outbox.rabbitmq import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ConfirmingPublisher,
@@ -36,7 +37,7 @@ from outbox.rabbitmq import (
     PublishStatus,
     RabbitMqConnector,
 )
-from outbox.records import OutboxRecord, encode_record, record_for
+from outbox.records import OutboxRecord, record_for
 from outbox.store import DEFAULT_RETRY_FOR_S, Outbox
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,9 @@ class Fallback(Protocol):
     kind: ClassVar[MessageKind]
     outbox: Outbox
 
-    def store(self, records: Sequence[OutboxRecord]) -> None: ...
+    def store(
+        self, records: Sequence[OutboxRecord], messages: Sequence[Message] | None = None
+    ) -> None: ...
 
 
 def _as_list(message_or_messages: M | Iterable[M], expected: type[M]) -> list[M]:
@@ -130,6 +133,20 @@ class MetaView(Generic[M]):
 
 
 class _RedisBus(Generic[M]):
+    """Stores messages in the outbox of a service, or in its partitions.
+
+    ``redis`` is a ``redis.Redis`` or ``redis.cluster.RedisCluster`` client. With
+    ``partitions`` > 1 the messages go to the outboxes ``{outbox}#0`` ..
+    ``{outbox}#N-1``, chosen by CRC-32 of ``partition_key(message)`` (default: the
+    message id), so the messages of one key keep their order. ``outboxes`` lists the
+    outboxes written to and ``outbox`` is the one named after the service.
+    ``wait_replicas`` > 0 waits after each push until that many replicas of the primary
+    acknowledged it, for up to ``wait_timeout_ms``, and logs a WARNING when fewer did.
+
+    NOTE: with partitions > 1 a list of messages is one atomic push per partition, not
+    one in all: when a later partition fails, PartialStoreError names what was stored.
+    """
+
     kind: ClassVar[MessageKind]
     _message_type: ClassVar[type[Message]]
 
@@ -140,15 +157,26 @@ class _RedisBus(Generic[M]):
         redis: Any,
         *,
         retry_for_s: float = DEFAULT_RETRY_FOR_S,
+        partitions: int = 1,
+        partition_key: PartitionKey | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
     ) -> None:
         check_name_part("organization", organization)
         check_name_part("service", service)
         self.organization = organization
         self.service = service
-        self.outbox = Outbox(
-            redis, outbox_name(organization, service, self.kind), retry_for_s=retry_for_s
+        self.partitioned = PartitionedOutbox(
+            redis,
+            outbox_name(organization, service, self.kind),
+            partitions=partitions,
+            partition_key=partition_key,
+            retry_for_s=retry_for_s,
+            wait_replicas=wait_replicas,
+            wait_timeout_ms=wait_timeout_ms,
         )
-        self._registered = False
+        self.outbox = self.partitioned.base
+        self.outboxes = self.partitioned.outboxes
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(outbox={self.outbox.name!r})"
@@ -162,25 +190,19 @@ class _RedisBus(Generic[M]):
     ) -> None:
         items = _with_meta(_as_list(messages, self._message_type), meta)
         expiration_ms = _expiration_ms(expiration_s)
-        self.store(_records(items, self.organization, self.service, expiration_ms))
+        self.store(_records(items, self.organization, self.service, expiration_ms), items)
 
-    def store(self, records: Sequence[OutboxRecord]) -> None:
-        """Store records in the outbox in one atomic push, oldest first out."""
-        self.outbox.push([encode_record(record) for record in records])
+    def store(
+        self, records: Sequence[OutboxRecord], messages: Sequence[Message] | None = None
+    ) -> None:
+        """Store records in one atomic push per partition, oldest first out.
+
+        ``messages`` are the messages of ``records`` in the same order, needed only
+        when the bus has a ``partition_key``.
+        """
+        self.partitioned.store(records, messages)
         for record in records:
             logger.debug("Stored message %s in outbox %s", record.message_id, self.outbox.name)
-        if not self._registered:
-            self._register()
-
-    def _register(self) -> None:
-        # Lets drainers started without --outbox find this outbox within a second. The
-        # entries are stored already, so a failure here only delays discovery until the
-        # drainer's next keyspace scan.
-        try:
-            self.outbox.client.sadd(REGISTRY_KEY, self.outbox.name)
-            self._registered = True
-        except redis_errors.RedisError as exc:
-            logger.debug("Registering outbox %s failed: %s", self.outbox.name, exc)
 
 
 class RedisDomainEventBus(_RedisBus[DomainEvent]):
@@ -195,7 +217,7 @@ class RedisDomainEventBus(_RedisBus[DomainEvent]):
         *,
         expiration_s: float | None = None,
     ) -> None:
-        """Store one event or a list of events in one atomic push.
+        """Store one event or a list of events in one atomic push (one per partition).
 
         ``expiration_s`` is a per-message TTL in seconds, counted from now.
         """
@@ -214,7 +236,7 @@ class RedisCommandBus(_RedisBus[Command]):
         *,
         expiration_s: float | None = None,
     ) -> None:
-        """Store one command or a list of commands in one atomic push.
+        """Store one command or a list of commands in one atomic push (one per partition).
 
         ``expiration_s`` is a per-message TTL in seconds, counted from now.
         """
@@ -282,9 +304,9 @@ class _RabbitMqBus(Generic[M]):
         expiration_ms = _expiration_ms(expiration_s)
         if not items:
             return
-        self._send(_records(items, self.organization, self.service, expiration_ms))
+        self._send(_records(items, self.organization, self.service, expiration_ms), items)
 
-    def _send(self, records: list[OutboxRecord]) -> None:
+    def _send(self, records: list[OutboxRecord], messages: Sequence[Message] | None = None) -> None:
         for record in records:
             if len(record.body) > self.max_message_bytes:
                 raise MessageTooLargeError(
@@ -296,8 +318,8 @@ class _RabbitMqBus(Generic[M]):
         with self._lock:
             results = self._publish(records)
         failed = [
-            (record, result)
-            for record, result in zip(records, results, strict=True)
+            (record, result, index)
+            for index, (record, result) in enumerate(zip(records, results, strict=True))
             if not result.confirmed
         ]
         if not failed:
@@ -306,18 +328,29 @@ class _RabbitMqBus(Generic[M]):
         first_error = failed[0][1].error
         assert first_error is not None
         if self.fallback is None:
-            ids = ", ".join(record.message_id for record, _ in failed[:5])
+            ids = ", ".join(record.message_id for record, _, _ in failed[:5])
             raise type(first_error)(
                 f"RabbitMQ did not confirm {len(failed)} of {len(records)} messages ({ids}) "
                 f"and the bus has no fallback: {first_error}"
             ) from first_error
         try:
-            self.fallback.store([record for record, _ in failed])
+            self.fallback.store(
+                [record for record, _, _ in failed],
+                None if messages is None else [messages[index] for _, _, index in failed],
+            )
         except OutboxError as store_error:
+            if isinstance(store_error, PartialStoreError):
+                stored = (
+                    f"{len(store_error.stored_message_ids)} of them were stored, the other "
+                    f"{len(store_error.unstored_message_ids)} were not "
+                    "(see unstored_message_ids of the store error)"
+                )
+            else:
+                stored = "nothing was stored"
             raise PublishAndStoreError(
                 f"RabbitMQ did not confirm {len(failed)} messages ({first_error}) and storing "
                 f"them in outbox {self.fallback.outbox.name!r} failed too ({store_error}); "
-                "nothing was stored, so publish them again once either service is back",
+                f"{stored}, so publish them again once either service is back",
                 publish_error=first_error,
                 store_error=store_error,
             ) from store_error

@@ -17,7 +17,8 @@ Every exception derives from :class:`OutboxError`::
     ├── StoreError                 Redis failed an outbox operation
     │   ├── StoreUnavailableError  connection failed or Redis is loading or busy
     │   ├── StoreFullError         Redis rejected a write with OOM
-    │   └── StoreReadOnlyError     Redis is a read-only replica
+    │   ├── StoreReadOnlyError     Redis is a read-only replica
+    │   └── PartialStoreError      a list spread over partitions was stored only in part
     └── PublishAndStoreError       RabbitMQ and the Redis fallback both failed
 
 pika and redis-py errors are translated in ``outbox.rabbitmq`` and ``outbox.store``
@@ -93,6 +94,20 @@ class StoreFullError(StoreError):
 
 class StoreReadOnlyError(StoreError):
     """Redis rejected a write because the server is a read-only replica."""
+
+
+class PartialStoreError(StoreError):
+    """Some partitions stored their part of a list of messages, and one failed.
+
+    The failure of the first partition that failed is the ``__cause__``.
+    """
+
+    def __init__(
+        self, message: str, *, stored_message_ids: list[str], unstored_message_ids: list[str]
+    ) -> None:
+        super().__init__(message)
+        self.stored_message_ids = stored_message_ids
+        self.unstored_message_ids = unstored_message_ids
 
 
 class PublishAndStoreError(OutboxError):
