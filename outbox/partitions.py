@@ -159,7 +159,7 @@ class PartitionedOutbox:
                     unstored_message_ids=unstored,
                 ) from exc
             stored.extend(record.message_id for record in group)
-            self._register(outbox.name)
+            self.register(outbox.name)
 
     def _push(self, outbox: Outbox, records: list[OutboxRecord]) -> None:
         payloads = [encode_record(record) for record in records]
@@ -201,10 +201,11 @@ class PartitionedOutbox:
                 )
         return keys
 
-    def _register(self, name: str) -> None:
-        # Lets drainers find each partition within a second. The entries are stored
-        # already, so a failure here only delays discovery until the drainer's next
-        # keyspace scan.
+    def register(self, name: str) -> None:
+        """Add ``name`` to the outbox registry once, so drainers find it within a second.
+
+        A failure is only logged: the drainer's keyspace scan finds the outbox later.
+        """
         if name in self._registered:
             return
         try:

@@ -13,14 +13,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import redis.exceptions as redis_errors
-
 from outbox.buses import _as_list, _expiration_ms, _records
 from outbox.errors import OutboxConfigError
 from outbox.messages import Command, DomainEvent, Message
-from outbox.naming import REGISTRY_KEY, MessageKind, check_name_part, outbox_name
+from outbox.naming import MessageKind, check_name_part, outbox_name
+from outbox.partitions import PartitionedOutbox, PartitionKey
 from outbox.records import encode_record
-from outbox.store import DEFAULT_RETRY_FOR_S, Outbox
+from outbox.store import DEFAULT_RETRY_FOR_S
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +37,13 @@ class PreparedPush:
 
 
 class _TransactionalBus:
+    """Writes messages to the outbox of a service, or to its partitions.
+
+    ``partitions`` and ``partition_key`` work as for :class:`outbox.RedisDomainEventBus`.
+    With partitions > 1 on Redis Cluster, a transaction can only hold messages of the
+    partition in the slot of its other keys, since a cluster transaction stays in one slot.
+    """
+
     kind: ClassVar[MessageKind]
     _message_type: ClassVar[type[Message]]
 
@@ -48,15 +54,22 @@ class _TransactionalBus:
         redis: Any,
         *,
         retry_for_s: float = DEFAULT_RETRY_FOR_S,
+        partitions: int = 1,
+        partition_key: PartitionKey | None = None,
     ) -> None:
         check_name_part("organization", organization)
         check_name_part("service", service)
         self.organization = organization
         self.service = service
-        self.outbox = Outbox(
-            redis, outbox_name(organization, service, self.kind), retry_for_s=retry_for_s
+        self.partitioned = PartitionedOutbox(
+            redis,
+            outbox_name(organization, service, self.kind),
+            partitions=partitions,
+            partition_key=partition_key,
+            retry_for_s=retry_for_s,
         )
-        self._registered = False
+        self.outbox = self.partitioned.base
+        self.outboxes = self.partitioned.outboxes
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(outbox={self.outbox.name!r})"
@@ -64,11 +77,35 @@ class _TransactionalBus:
     def prepare(
         self, messages: Message | Iterable[Message], *, expiration_s: float | None = None
     ) -> PreparedPush:
-        """Encode messages for a caller's own Lua script; raises MessageError for bad messages."""
+        """Encode messages for a caller's own Lua script; raises MessageError for bad messages.
+
+        With partitions > 1 the messages must all fall into one partition, else this
+        raises OutboxConfigError; :meth:`prepare_partitions` splits them instead.
+        """
+        prepared = self.prepare_partitions(messages, expiration_s=expiration_s)
+        if len(prepared) > 1:
+            raise OutboxConfigError(
+                f"the messages go to {len(prepared)} partitions of outbox "
+                f"{self.partitioned.name!r} ({', '.join(p.key for p in prepared)}); give them "
+                "one partition key, or call prepare_partitions() and push each key"
+            )
+        if not prepared:
+            return PreparedPush(self.outboxes[0].keys.pending, [])
+        return prepared[0]
+
+    def prepare_partitions(
+        self, messages: Message | Iterable[Message], *, expiration_s: float | None = None
+    ) -> list[PreparedPush]:
+        """Encode messages for a caller's own Lua scripts, one PreparedPush per partition."""
         items = _as_list(messages, self._message_type)
         records = _records(items, self.organization, self.service, _expiration_ms(expiration_s))
-        self._register()
-        return PreparedPush(self.outbox.keys.pending, [encode_record(r) for r in records])
+        prepared: list[PreparedPush] = []
+        for outbox, group in self.partitioned.group(records, items):
+            # Registers outside the caller's transaction: the registry key is in another
+            # hash slot.
+            self.partitioned.register(outbox.name)
+            prepared.append(PreparedPush(outbox.keys.pending, [encode_record(r) for r in group]))
+        return prepared
 
     def _store(
         self,
@@ -76,24 +113,19 @@ class _TransactionalBus:
         transaction: Any,
         expiration_s: float | None,
     ) -> None:
-        prepared = self.prepare(messages, expiration_s=expiration_s)
-        if not prepared.payloads:
-            return
         if transaction is None:
-            self.outbox.push(prepared.payloads)
+            items = _as_list(messages, self._message_type)
+            expiration_ms = _expiration_ms(expiration_s)
+            self.partitioned.store(
+                _records(items, self.organization, self.service, expiration_ms), items
+            )
+            return
+        prepared = self.prepare_partitions(messages, expiration_s=expiration_s)
+        if not prepared:
             return
         _check_transaction(transaction)
-        transaction.lpush(prepared.key, *prepared.payloads)
-
-    def _register(self) -> None:
-        # Runs outside the caller's transaction: the registry key is in another hash slot.
-        if self._registered:
-            return
-        try:
-            self.outbox.client.sadd(REGISTRY_KEY, self.outbox.name)
-            self._registered = True
-        except redis_errors.RedisError as exc:
-            logger.debug("Registering outbox %s failed: %s", self.outbox.name, exc)
+        for push in prepared:
+            transaction.lpush(push.key, *push.payloads)
 
 
 def _check_transaction(transaction: Any) -> None:
