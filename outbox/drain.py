@@ -20,7 +20,14 @@ from typing import Any
 import msgspec
 import redis.exceptions as redis_errors
 
-from outbox.errors import BrokerError, BrokerUnavailableError, OutboxConfigError, RecordDecodeError
+from outbox.errors import (
+    BrokerError,
+    BrokerUnavailableError,
+    OutboxConfigError,
+    RecordDecodeError,
+    StoreError,
+)
+from outbox.partitions import covers
 from outbox.rabbitmq import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ConfirmingPublisher,
@@ -114,6 +121,7 @@ class Drainer:
         self._registry_read_at = float("-inf")
         self._broker_down: BrokerError | None = None
         self._recovering = False
+        self._rounds = 0
         self.metrics: Any = None
 
     def close(self) -> None:
@@ -129,21 +137,37 @@ class Drainer:
     # Outboxes
 
     def outboxes(self, *, refresh: bool = False) -> list[Outbox]:
-        """Return the outboxes to drain: the configured ones, else every one found in Redis."""
-        names: Sequence[str] = self.settings.outboxes
-        if names:
-            return [self._outbox(name) for name in names]
+        """Return the outboxes to drain: the configured ones, else every one found in Redis.
+
+        A configured outbox also covers its partitions (``{name}#0``, ``{name}#1``, ...)
+        found in Redis, so producers can add partitions without restarting drainers.
+        """
+        configured: Sequence[str] = self.settings.outboxes
+        for name in configured:
+            self._outbox(name)
+        try:
+            found = self._find_outboxes(refresh=refresh)
+        except StoreError as exc:
+            if not configured:
+                raise
+            # The configured outboxes can still be drained; new partitions wait.
+            logger.warning("Looking for partitions of the configured outboxes failed: %s", exc)
+            found = []
+        for name in found:
+            if not configured or any(covers(base, name) for base in configured):
+                self._outbox(name)
+        return list(self._outboxes.values())
+
+    def _find_outboxes(self, *, refresh: bool) -> list[str]:
         now = time.monotonic()
         if now - self._scanned_at > _SCAN_KEYSPACE_EVERY_S:
             self._scanned_at = now
             self._registry_read_at = now
-            for name in discover_outboxes(self.redis):
-                self._outbox(name)
-        elif refresh or now - self._registry_read_at > _READ_REGISTRY_EVERY_S:
+            return discover_outboxes(self.redis)
+        if refresh or now - self._registry_read_at > _READ_REGISTRY_EVERY_S:
             self._registry_read_at = now
-            for name in registered_outboxes(self.redis):
-                self._outbox(name)
-        return list(self._outboxes.values())
+            return registered_outboxes(self.redis)
+        return []
 
     def _outbox(self, name: str) -> Outbox:
         if name not in self._outboxes:
@@ -250,10 +274,19 @@ class Drainer:
             self.stopping.wait(timeout_s)
 
     def run_round(self) -> int:
-        """Claim and process one batch of every outbox; return how many entries were handled."""
+        """Claim and process one batch of every outbox; return how many entries were handled.
+
+        Each round starts one outbox further along, so no outbox is always served last,
+        and a busy outbox gets one batch a round like the others.
+        """
         handled = 0
         self._broker_down = None
-        for outbox in self.outboxes():
+        outboxes = self.outboxes()
+        if outboxes:
+            start = self._rounds % len(outboxes)
+            outboxes = outboxes[start:] + outboxes[:start]
+        self._rounds += 1
+        for outbox in outboxes:
             if self.stopping.is_set() or self._broker_down is not None:
                 break
             handled += self.drain_batch(outbox)
