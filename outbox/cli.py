@@ -16,8 +16,10 @@ from types import FrameType
 from typing import Any
 
 import msgspec
+import redis.exceptions as redis_errors
 
 from outbox import __name__ as package_name
+from outbox.cluster import cluster_enabled, connect_cluster
 from outbox.drain import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LEASE_MS,
@@ -26,7 +28,7 @@ from outbox.drain import (
     Drainer,
     DrainSettings,
 )
-from outbox.errors import OutboxError
+from outbox.errors import OutboxConfigError, OutboxError
 from outbox.rabbitmq import DEFAULT_AMQP_URL, DEFAULT_MAX_MESSAGE_BYTES, RabbitMqConnector
 from outbox.records import decode_record
 from outbox.store import DEFAULT_MAX_ATTEMPTS, Outbox, OutboxStats, connect, discover_outboxes
@@ -74,6 +76,13 @@ def _add_redis_options(parser: argparse.ArgumentParser) -> None:
         help="Redis that holds the outboxes (env OUTBOX_REDIS_URL; default %(default)s)",
     )
     parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        default=_env("OUTBOX_REDIS_CLUSTER", "") not in ("", "0", "false"),
+        help="--redis-url is one node of a Redis Cluster; the other nodes are found from it "
+        "(env OUTBOX_REDIS_CLUSTER=1)",
+    )
+    parser.add_argument(
         "--outbox",
         dest="outboxes",
         action="append",
@@ -99,6 +108,30 @@ def _add_logging_options(parser: argparse.ArgumentParser) -> None:
         help="text lines, or one JSON object a line for log collectors "
         "(env OUTBOX_LOG_FORMAT; default %(default)s)",
     )
+
+
+def redis_client(args: argparse.Namespace) -> Any:
+    """Connect to the Redis of ``--redis-url``: a cluster client with ``--redis-cluster``.
+
+    Raises OutboxConfigError when a standalone client reaches a cluster node, because
+    every outbox outside that node's slots would fail with MOVED.
+    """
+    if args.redis_cluster:
+        return connect_cluster(args.redis_url)
+    client = connect(args.redis_url)
+    try:
+        clustered = cluster_enabled(client)
+    except redis_errors.RedisError as exc:
+        # Redis may come up later; the drainer retries, and the mismatch shows then as MOVED.
+        logger.debug("Checking the cluster mode of %s failed: %s", _redact_url(args.redis_url), exc)
+        return client
+    if clustered:
+        client.close()
+        raise OutboxConfigError(
+            f"Redis at {_redact_url(args.redis_url)} runs in cluster mode; pass --redis-cluster "
+            "(env OUTBOX_REDIS_CLUSTER=1)"
+        )
+    return client
 
 
 def _outbox_names(args: argparse.Namespace) -> list[str]:
@@ -284,10 +317,13 @@ def drain_command(argv: Sequence[str] | None = None) -> int:
             confirm_timeout_s=args.confirm_timeout_s,
             connection_name="outbox-drain",
         )
-        drainer = Drainer(connect(args.redis_url), connector, settings)
-    except OutboxError as exc:
+        drainer = Drainer(redis_client(args), connector, settings)
+    except OutboxConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OutboxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
     _install_stop_handlers(drainer.stopping.set)
     started = time.monotonic()
@@ -423,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = main_parser().parse_args(argv)
     configure_logging("WARNING", "text")
     try:
-        client = connect(args.redis_url)
+        client = redis_client(args)
         names = _outbox_names(args) or discover_outboxes(client)
         outboxes = [Outbox(client, name) for name in names]
         if args.command == "stats":

@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from outbox.errors import OutboxConfigError
+from outbox.errors import OutboxConfigError, StoreUnavailableError
 
 
 def is_cluster_client(client: Any) -> bool:
@@ -28,10 +28,11 @@ def is_cluster_client(client: Any) -> bool:
 def connect_cluster(url: str, **options: Any) -> RedisCluster:
     """Create a Redis Cluster client from the URL of any one node, with the outbox's settings.
 
-    The client finds the other nodes itself. Its own retries are off, as in
-    :func:`outbox.store.connect`, so ``Outbox.retry_for_s`` alone bounds how long an
-    operation retries; redirects after a failover (``MOVED``) are still followed.
-    Raises OutboxConfigError when the node does not run in cluster mode.
+    The client reads the cluster's nodes and slots at once and finds the other nodes
+    itself. Its own retries are off, as in :func:`outbox.store.connect`, so
+    ``Outbox.retry_for_s`` alone bounds how long an operation retries; redirects after
+    a failover (``MOVED``) are still followed. Raises OutboxConfigError when the node
+    runs without cluster mode, and StoreUnavailableError when no node answers.
     """
     options.setdefault("retry", Retry(NoBackoff(), 0))
     options.setdefault("socket_timeout", 5.0)
@@ -39,10 +40,24 @@ def connect_cluster(url: str, **options: Any) -> RedisCluster:
     try:
         return RedisCluster.from_url(url, decode_responses=False, **options)
     except redis_errors.RedisClusterException as exc:
-        raise OutboxConfigError(
-            f"cannot use {_redact(url)} as a Redis Cluster: {exc}; drop the cluster option "
-            "for a standalone Redis"
+        if _runs_standalone(url):
+            raise OutboxConfigError(
+                f"Redis at {_redact(url)} runs without cluster mode; use it without the "
+                "cluster option"
+            ) from exc
+        raise StoreUnavailableError(
+            f"cannot reach the Redis Cluster at {_redact(url)}: {exc}; check that it is running"
         ) from exc
+
+
+def _runs_standalone(url: str) -> bool:
+    probe = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=2.0)
+    try:
+        return not cluster_enabled(probe)
+    except redis_errors.RedisError:
+        return False
+    finally:
+        probe.close()
 
 
 def cluster_enabled(client: redis.Redis) -> bool:
