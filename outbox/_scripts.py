@@ -8,7 +8,7 @@ from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-SCRIPT_NAMES = ("claim", "ack", "extend", "release", "bury", "requeue", "purge", "stats")
+SCRIPT_NAMES = ("claim", "ack", "extend", "release", "bury", "requeue", "purge", "stats", "adopt")
 
 
 def lua_directory() -> Traversable:

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from outbox import _scripts
+from outbox.adopt import adopt
 from outbox.store import Outbox
 
 SLOT_LINE = re.compile(r"^(?P<slots>(?:KEYS|ARGV)\[\d+\](?:,\s*(?:KEYS|ARGV)\[\d+\])*)\s+(?P<rest>.*)$")
@@ -296,6 +297,7 @@ def record_wrapper_calls(client: redis.Redis) -> dict[str, list[RecordedCall]]:
     outbox.requeue()
     outbox.purge([purge.entry_id])
     outbox.purge()
+    adopt(outbox, "source", chunk_size=2)
     return {name: spy.calls for name, spy in spies.items()}
 
 
