@@ -518,14 +518,18 @@ class ConfirmingPublisher:
         start = time.monotonic()
         deadline = start + timeout_s
         next_call = start + every[1] if every is not None else float("inf")
+        polled = False
         while not done():
             now = time.monotonic()
             if every is not None and now >= next_call:
                 every[0]()
                 next_call = now + every[1]
-            remaining = min(deadline, next_call) - now
-            if now >= deadline:
+            # Poll at least once, even with a timeout of 0: _pump(0.0) must read what the
+            # broker already sent, such as the close of an idle connection or
+            # connection.unblocked, or the publisher keeps using a connection that is gone.
+            if now >= deadline and polled:
                 return False
+            remaining = max(0.0, min(deadline, next_call) - now)
             # A timer at the deadline bounds the poller's wait.
             timer = ioloop.call_later(remaining, _do_nothing)
             try:
@@ -533,6 +537,7 @@ class ConfirmingPublisher:
                 ioloop.process_timeouts()
             finally:
                 ioloop.remove_timeout(timer)
+            polled = True
         return True
 
 
