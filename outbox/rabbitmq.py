@@ -382,12 +382,22 @@ class ConfirmingPublisher:
             )
 
         finished = self._run_until(
-            lambda: not self._waiting or self._lost(),
+            lambda: not self._waiting or self._lost() or self._blocked_reason is not None,
             self.connector.confirm_timeout_s,
             every=(keepalive, keepalive_interval_s) if keepalive is not None else None,
         )
         if self._waiting:
-            if not finished:
+            if finished and not self._lost() and self._blocked_reason is not None:
+                # A blocked connection is not read by RabbitMQ, so no confirm comes before
+                # the alarm clears. The connection is kept and its unblock read later.
+                self._fail_waiting(
+                    BrokerUnavailableError(
+                        f"RabbitMQ at {self.connector.address} blocked the connection before "
+                        f"confirming {len(self._waiting)} of {len(records)} messages: "
+                        f"{self._blocked_reason}; they may still be routed once it unblocks"
+                    )
+                )
+            elif not finished:
                 error: BrokerError = PublishTimeoutError(
                     f"RabbitMQ at {self.connector.address} confirmed {len(records) - len(self._waiting)}"
                     f" of {len(records)} messages within {self.connector.confirm_timeout_s} s; "
@@ -524,9 +534,9 @@ class ConfirmingPublisher:
             if every is not None and now >= next_call:
                 every[0]()
                 next_call = now + every[1]
-            # Poll at least once, even with a timeout of 0: _pump(0.0) must read what the
-            # broker already sent, such as the close of an idle connection or
-            # connection.unblocked, or the publisher keeps using a connection that is gone.
+            # Poll at least once, even with a timeout of 0, because _pump(0.0) must read what
+            # the broker already sent, such as the close of an idle connection. Otherwise the
+            # publisher keeps using a connection that is gone.
             if now >= deadline and polled:
                 return False
             remaining = max(0.0, min(deadline, next_call) - now)
