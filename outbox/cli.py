@@ -141,6 +141,19 @@ def _outbox_names(args: argparse.Namespace) -> list[str]:
     return [name.strip() for name in from_env.split(",") if name.strip()]
 
 
+def _petisco_keys(args: argparse.Namespace) -> list[str]:
+    def keys(given: list[str] | None, variable: str, default: str) -> list[str]:
+        if given:
+            return given
+        from_env = [key.strip() for key in os.environ.get(variable, "").split(",") if key.strip()]
+        return from_env or [default]
+
+    return [
+        *keys(args.petisco_event_keys, "OUTBOX_PETISCO_EVENT_KEYS", "events"),
+        *keys(args.petisco_command_keys, "OUTBOX_PETISCO_COMMAND_KEYS", "commands"),
+    ]
+
+
 class JsonLogFormatter(logging.Formatter):
     """Formats each record as one JSON object: time, level, logger, message, error."""
 
@@ -249,6 +262,31 @@ def drain_parser() -> argparse.ArgumentParser:
         "and exits 1 (env OUTBOX_MAX_OUTAGE_S; default %(default)s)",
     )
     parser.add_argument(
+        "--from-petisco",
+        action="store_true",
+        default=_env("OUTBOX_FROM_PETISCO", "") not in ("", "0", "false"),
+        help="also drain the lists petisco's Redis buses write, moving their entries into "
+        "outboxes of the same name before every round (env OUTBOX_FROM_PETISCO=1)",
+    )
+    parser.add_argument(
+        "--petisco-event-key",
+        dest="petisco_event_keys",
+        action="append",
+        metavar="KEY",
+        default=None,
+        help="with --from-petisco: list of petisco's domain events, repeatable "
+        "(env OUTBOX_PETISCO_EVENT_KEYS, comma-separated; default events)",
+    )
+    parser.add_argument(
+        "--petisco-command-key",
+        dest="petisco_command_keys",
+        action="append",
+        metavar="KEY",
+        default=None,
+        help="with --from-petisco: list of petisco's commands, repeatable "
+        "(env OUTBOX_PETISCO_COMMAND_KEYS, comma-separated; default commands)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         default=_env_int("OUTBOX_METRICS_PORT", 0),
@@ -309,6 +347,7 @@ def drain_command(argv: Sequence[str] | None = None) -> int:
         retry_delay_ms=args.retry_delay_ms,
         max_message_bytes=args.max_message_bytes,
         outboxes=_outbox_names(args),
+        petisco_keys=_petisco_keys(args) if args.from_petisco else (),
     )
     try:
         connector = RabbitMqConnector(

@@ -86,6 +86,8 @@ class DrainSettings:
     retry_delay_ms: int = DEFAULT_RETRY_DELAY_MS
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     outboxes: Sequence[str] = field(default_factory=tuple)
+    # petisco's Redis lists moved into outboxes of the same name before every round.
+    petisco_keys: Sequence[str] = field(default_factory=tuple)
 
     def check(self) -> None:
         if not 1 <= self.batch_size <= 10_000:
@@ -273,6 +275,16 @@ class Drainer:
             logger.debug("Waiting on outbox %s failed: %s", outboxes[0].name, exc)
             self.stopping.wait(timeout_s)
 
+    def _adopt_petisco_lists(self) -> int:
+        from outbox.adopt import adopt_petisco_lists
+
+        moved = adopt_petisco_lists(
+            self.redis, event_keys=self.settings.petisco_keys, command_keys=()
+        )
+        for name in moved:
+            self._outbox(name)
+        return sum(moved.values())
+
     def run_round(self) -> int:
         """Claim and process one batch of every outbox; return how many entries were handled.
 
@@ -281,6 +293,8 @@ class Drainer:
         """
         handled = 0
         self._broker_down = None
+        if self.settings.petisco_keys:
+            handled += self._adopt_petisco_lists()
         outboxes = self.outboxes()
         if outboxes:
             start = self._rounds % len(outboxes)
@@ -417,7 +431,7 @@ class Drainer:
         by_message = [
             (lease, result)
             for (lease, _), result in zip(sendable, results, strict=True)
-            if result.status is PublishStatus.RETURNED
+            if result.status in (PublishStatus.RETURNED, PublishStatus.REJECTED)
         ]
         if by_message:
             self._release_failed(

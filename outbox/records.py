@@ -7,6 +7,7 @@ reads both and rebuilds exchange and routing key for petisco's.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -104,7 +105,8 @@ def _decode_petisco(payload: bytes) -> OutboxRecord:
     except msgspec.DecodeError as exc:
         raise RecordDecodeError(f"entry is not a petisco record: {exc}") from exc
 
-    body = msgspec.json.encode(record.message)
+    # json.dumps with its default separators gives the bytes petisco's own bus publishes.
+    body = json.dumps(record.message).encode()
     decoded = messages.decode(body)
     try:
         routing_key = naming.routing_key(

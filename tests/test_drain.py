@@ -8,7 +8,7 @@ import pytest
 
 from outbox import RabbitMqConnector, RabbitMqDomainEventBus, RedisDomainEventBus
 from outbox.drain import Drainer, DrainSettings
-from outbox.messages import DomainEvent
+from outbox.messages import DomainEvent, encode
 from outbox.records import OutboxRecord, encode_record
 from outbox.store import Outbox
 from tests.servers import free_port
@@ -180,3 +180,31 @@ def test_dead_command_requires_ids_or_all(redis_url, redis_client, action):
     )
     assert result.returncode == 2
     assert "needs entry ids or --all" in result.stderr
+
+
+def test_drain_command_from_petisco_publishes_petisco_lists(redis_url, redis_client, rabbit, amqp_url):
+    organization = rabbit.organization()
+    queue = rabbit.bind_queue(f"{organization}.billing")
+    events = [InvoiceSent(invoice_id=str(n)) for n in range(3)]
+    records = [
+        json.dumps(
+            {"organization": organization, "service": "billing", "message": json.loads(encode(e))}
+        )
+        for e in events
+    ]
+    redis_client.lpush("events", *records)
+    redis_client.lpush("events", b"not json")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "outbox.drain", "--once", "--from-petisco", "--redis-url", redis_url,
+         "--amqp-url", amqp_url],
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    received = rabbit.consume_all(queue, expected=3)
+    assert [p.message_id for _, p, _ in received] == [e.id for e in events]
+    assert [m.routing_key for m, _, _ in received] == [f"{organization}.billing.1.event.invoice_sent"] * 3
+    assert redis_client.llen("events") == 0
+    [letter] = Outbox(redis_client, "events").dead_letters()
+    assert "cannot decode entry" in letter.reason
