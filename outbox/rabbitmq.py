@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 _PRECONDITION_FAILED = 406
 _NOT_FOUND = 404
 _CLOSE_WAIT_S = 1.0
+# How RabbitMQ 3.10 words the 406 channel close for a body above max_message_size, for
+# example "message size 4314 is larger than configured max size 4096".
+_MAX_SIZE_EXCEEDED = re.compile(r"message size \d+ is larger than (?:configured )?max size (\d+)")
 
 
 class PublishStatus(enum.Enum):
@@ -48,6 +52,8 @@ class PublishStatus(enum.Enum):
 
     CONFIRMED = "confirmed"
     RETURNED = "returned"
+    # RabbitMQ closed the channel because of this message itself, so retrying cannot help.
+    REJECTED = "rejected"
     NACKED = "nacked"
     FAILED = "failed"
 
@@ -407,6 +413,7 @@ class ConfirmingPublisher:
                 # The connection's state is unknown now; start the next batch on a new one.
                 self._discard_connection()
             else:
+                self._reject_oversized()
                 self._fail_waiting(self._failure())
         results = [
             result or PublishResult(PublishStatus.FAILED, self._failure())
@@ -415,6 +422,22 @@ class ConfirmingPublisher:
         self._batch = ()
         self._results = []
         return results
+
+    def _reject_oversized(self) -> None:
+        """Mark the waiting messages above the max_message_size that closed the channel as REJECTED.
+
+        The others keep no result, so _fail_waiting fails them as broker failures.
+        """
+        error = self._channel_error
+        if error is None or error.reply_code != _PRECONDITION_FAILED:
+            return
+        match = _MAX_SIZE_EXCEEDED.search(str(error))
+        if match is None:
+            return
+        max_size = int(match.group(1))
+        for index in self._waiting.values():
+            if len(self._batch[index].body) > max_size:
+                self._results[index] = PublishResult(PublishStatus.REJECTED, error)
 
     def _fail_waiting(self, error: BrokerError) -> None:
         for index in self._waiting.values():
