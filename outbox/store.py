@@ -424,6 +424,11 @@ def translate_error(
         return StoreUnavailableError(
             f"{where}: the slot moved to another Redis Cluster node: {exc}; retry to follow it"
         )
+    if isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("NOREPLICAS"):
+        return StoreUnavailableError(
+            f"{where}: the primary has fewer replicas than min-replicas-to-write: {exc}; "
+            "retry when a replica is back"
+        )
     if isinstance(exc, redis_errors.ResponseError) and str(exc).startswith("BUSY"):
         return StoreUnavailableError(
             f"{where}: Redis is busy running another script: {exc}; retry later"

@@ -78,6 +78,11 @@ def wait_for(condition: Callable[[], bool], *, timeout_s: float = 10.0) -> None:
         (redis_errors.TimeoutError("timed out"), StoreUnavailableError, "cannot reach"),
         (redis_errors.ResponseError("BUSY Redis is busy"), StoreUnavailableError, "busy"),
         (redis_errors.ResponseError("WRONGTYPE Operation"), StoreError, "WRONGTYPE"),
+        (redis_errors.ResponseError("NOREPLICAS Not enough"), StoreUnavailableError, "min-replicas"),
+        (redis_errors.ClusterDownError("The cluster is down"), StoreUnavailableError, "failing over"),
+        (redis_errors.TryAgainError("Multiple keys"), StoreUnavailableError, "moving slots"),
+        (redis_errors.MovedError("3999 127.0.0.1:6381"), StoreUnavailableError, "slot moved"),
+        (redis_errors.SlotNotCoveredError("slot 1"), StoreUnavailableError, "no reachable primary"),
     ],
 )
 def test_translate_error_picks_most_specific_class(
