@@ -358,7 +358,16 @@ class Outbox:
 
     def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         script = self._scripts[name]
-        return self._run(name, lambda: script(keys=keys, args=args))
+
+        def call() -> Any:
+            try:
+                return script(keys=keys, args=args)
+            except redis_errors.NoScriptError:
+                # redis-py reloads a missing script once, but a SCRIPT FLUSH can land
+                # between that reload and its EVALSHA; EVAL sends the source itself.
+                return self.client.eval(script.script, len(keys), *keys, *args)
+
+        return self._run(name, call)
 
     def _run(self, operation: str, call: Callable[[], T]) -> T:
         """Run one Redis call, retrying transient errors for up to ``retry_for_s`` seconds."""

@@ -333,13 +333,6 @@ def test_killed_drainer_loses_nothing(
     assert counts_of(backlog.outbox.stats()) == EMPTY
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a SCRIPT FLUSH between redis-py's reload of a script after NOSCRIPT and its "
-    "EVALSHA raises NoScriptError, which Outbox._run turns into a fatal StoreError; the "
-    "drainer stops with 'Draining stopped: Redis ack on outbox ... failed: No matching "
-    "script' and exits 1",
-)
 def test_script_flush_while_draining_publishes_each_message_once(
     redis_url: str, redis_client: redis.Redis, rabbit: RabbitNames, drainers: Drainers
 ) -> None:

@@ -826,3 +826,21 @@ def test_outboxes_on_one_client_survive_script_flush_together(redis_client: redi
 
     assert [lease.payload for lease in claim_live(orders)] == [b"order"]
     assert [lease.payload for lease in claim_live(invoices)] == [b"invoice"]
+
+
+def test_script_flush_between_reload_and_evalsha_still_runs_the_script(redis_client):
+    outbox = Outbox(redis_client, "flush.race.events")
+    outbox.push([b"entry"])
+    load = redis_client.script_load
+
+    def load_then_flush(script):
+        sha = load(script)
+        redis_client.script_flush()
+        return sha
+
+    redis_client.script_load = load_then_flush
+    redis_client.script_flush()
+
+    claim = outbox.claim(batch_size=1, lease_ms=1000)
+
+    assert [lease.payload for lease in claim.leases] == [b"entry"]
