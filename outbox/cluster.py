@@ -32,7 +32,7 @@ def connect_cluster(url: str, **options: Any) -> RedisCluster:
     itself. Its own retries are off, as in :func:`outbox.store.connect`, so
     ``Outbox.retry_for_s`` alone bounds how long an operation retries; redirects after
     a failover (``MOVED``) are still followed. Raises OutboxConfigError when the node
-    runs without cluster mode, and StoreUnavailableError when no node answers.
+    runs without cluster mode, and StoreUnavailableError when no node can be reached.
     """
     options.setdefault("retry", Retry(NoBackoff(), 0))
     options.setdefault("socket_timeout", 5.0)

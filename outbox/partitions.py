@@ -2,7 +2,7 @@
 
 All keys of one outbox share one hash tag, so on Redis Cluster one outbox lives on one
 primary. With ``partitions=N`` (N > 1) a bus stores its messages in the outboxes
-``{name}#0`` .. ``{name}#N-1`` instead of ``{name}``; each has its own hash tag, so the
+``{name}#0`` .. ``{name}#N-1`` instead of ``{name}``. Each has its own hash tag, so the
 cluster spreads them over its primaries, and any number of drainers share them through
 the same leases. A message goes to partition ``crc32(partition_key(message)) % N``, so
 the messages of one key stay in one partition, which the drainer publishes in order.
@@ -119,10 +119,10 @@ class PartitionedOutbox:
     def group(
         self, records: Sequence[OutboxRecord], messages: Sequence[Message] | None = None
     ) -> list[tuple[Outbox, list[OutboxRecord]]]:
-        """Split records by partition, keeping their order inside each; partitions in index order.
+        """Split records by partition, keeping their order inside each, partitions in index order.
 
-        ``messages`` are the messages of ``records``, in the same order; they are needed
-        only when a ``partition_key`` is set, since the default key is the message id.
+        ``messages`` are the messages of ``records`` in the same order. Only a
+        ``partition_key`` needs them, because the default key is the message id.
         """
         if self.partitions == 1:
             return [(self.outboxes[0], list(records))] if records else []
@@ -138,9 +138,10 @@ class PartitionedOutbox:
         """Store each partition's records in one atomic push, partition after partition.
 
         Raises the StoreError of the push when a list goes to one partition. When it goes
-        to several and one push fails, the pushes before it stay stored and
-        PartialStoreError names the stored and unstored message ids; the partitions
-        after it are not tried, so a Redis outage costs one ``retry_for_s``, not one each.
+        to several and one push fails, the pushes before it stay stored, and
+        PartialStoreError names the stored and unstored message ids. The partitions after
+        the failed one are not tried, so a Redis outage costs one ``retry_for_s``, not one
+        per partition.
         """
         groups = self.group(records, messages)
         stored: list[str] = []
