@@ -164,13 +164,13 @@ class Outbox:
 
         Runs ``WAIT replicas timeout_ms`` on the connection that pushed, on the primary
         that owns the outbox's slot, and returns how many replicas acknowledged the
-        push. Fewer than ``replicas`` means the entries are stored on the primary but
-        would be lost if it failed before replicating them; no error is raised then.
+        push. No error is raised when fewer replicas acknowledged in time: the entries are
+        stored on the primary, and lost only if it fails before replicating them.
         """
         if replicas < 1:
             raise OutboxConfigError(f"replicas must be at least 1, got {replicas}")
         if timeout_ms < 1:
-            # WAIT with a timeout of 0 blocks until enough replicas answer, without limit.
+            # WAIT with a timeout of 0 blocks without limit until enough replicas acknowledge.
             raise OutboxConfigError(f"timeout_ms must be at least 1, got {timeout_ms}")
         if not payloads:
             return replicas
@@ -191,8 +191,8 @@ class Outbox:
             try:
                 return int(pipe.execute()[-1])
             except redis_errors.AskError:
-                # MOVED (a subclass of ASK) after a failover: nothing was stored, and the
-                # next attempt asks the cluster which primary owns the slot now.
+                # MOVED (a subclass of ASK) after a failover: nothing was stored. Reading
+                # the slot table again sends the next attempt to the new primary.
                 refresh_slots(self.client)
                 raise
 
