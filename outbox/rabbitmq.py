@@ -44,6 +44,8 @@ _NOT_FOUND = 404
 _CLOSE_WAIT_S = 1.0
 # How RabbitMQ 3.10 words the 406 channel close for a body above max_message_size, for
 # example "message size 4314 is larger than configured max size 4096".
+# NOTE: a close worded otherwise counts as a broker failure, so the drainer retries that
+# message without using up its attempts.
 _MAX_SIZE_EXCEEDED = re.compile(r"message size \d+ is larger than (?:configured )?max size (\d+)")
 
 
