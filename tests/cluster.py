@@ -20,8 +20,8 @@ from tests.servers import LOOPBACK, free_port, wait_for_port
 # leave room for that below 65536.
 CLUSTER_BUS_PORT_OFFSET = 10_000
 
-# Seconds a node may stay unreachable before the others mark it failed; short, so a test
-# sees failures quickly, but long enough that a busy 2-core machine does not cause false ones.
+# Milliseconds a node may stay unreachable before the others mark it failed. Short, so a
+# test detects a failure quickly, yet long enough that a loaded machine causes no false ones.
 NODE_TIMEOUT_MS = 3_000
 
 
@@ -124,11 +124,11 @@ class RedisClusterServers:
         return next(node for node in self.nodes if node.port == port)
 
     def roles(self) -> dict[int, str]:
-        """Return ``port -> "master" | "slave"`` as the first reachable node sees the cluster."""
+        """Return ``port -> "master" | "slave"`` as reported by the first reachable node."""
         for node in self.nodes:
             with contextlib.suppress(redis.RedisError), node.client() as client:
                 return _roles(client.execute_command("CLUSTER NODES"))
-        raise RuntimeError("no node of the cluster answers")
+        raise RuntimeError("no node of the cluster is reachable")
 
     def primary_of_slot(self, slot: int) -> int:
         """Return the port of the primary that serves ``slot``."""
@@ -176,7 +176,7 @@ class RedisClusterServers:
         return primaries == masters and len(roles) == masters * (1 + replicas)
 
     def failover(self, replica_port: int, *, timeout_s: float = 30.0) -> None:
-        """Promote a replica with CLUSTER FAILOVER and wait until every node sees it as primary."""
+        """Promote a replica with CLUSTER FAILOVER and wait until every node reports it as primary."""
         with self.node(replica_port).client() as client:
             client.execute_command("CLUSTER FAILOVER")
         deadline = time.monotonic() + timeout_s

@@ -149,7 +149,7 @@ def test_discovery_scans_every_primary(cluster, cluster_client):
     assert len(primaries) > 1
 
 
-def test_waiting_drainer_wakes_on_a_push_in_the_cluster(cluster_client, amqp_url):
+def test_waiting_drainer_wakes_on_push(cluster_client, amqp_url):
     name = "acme.wakeup.events"
     outbox = Outbox(cluster_client, name)
     drainer = Drainer(cluster_client, RabbitMqConnector(amqp_url), DrainSettings(outboxes=[name]))
@@ -165,7 +165,7 @@ def test_waiting_drainer_wakes_on_a_push_in_the_cluster(cluster_client, amqp_url
     assert outbox.stats().pending == 1
 
 
-def test_two_drainers_publish_every_message_stored_in_partitions(
+def test_two_drainers_publish_every_message(
     cluster, cluster_client, rabbit, amqp_url
 ):
     organization = rabbit.organization()
@@ -215,7 +215,7 @@ def test_messages_of_one_key_arrive_in_order(cluster_client, rabbit, amqp_url):
         assert ids == [e.id for e in events if e.parcel_id == parcel_id], parcel_id
 
 
-def test_drain_command_drains_partitions_on_the_cluster(cluster, cluster_client, rabbit, amqp_url):
+def test_drain_command_drains_cluster_partitions(cluster, cluster_client, rabbit, amqp_url):
     organization = rabbit.organization()
     queue = rabbit.bind_queue(f"{organization}.parcels")
     _, events = fill_partitions(cluster_client, organization, 500)
@@ -280,7 +280,7 @@ def test_cluster_option_on_a_standalone_redis_is_rejected(redis_url):
     assert "runs without cluster mode" in result.stderr
 
 
-def test_drainer_goes_on_after_a_replica_is_promoted(rabbit, amqp_url, caplog):
+def test_drainer_survives_replica_promotion(rabbit, amqp_url, caplog):
     organization = rabbit.organization()
     queue = rabbit.bind_queue(f"{organization}.parcels")
     with redis_cluster(masters=3, replicas=1) as servers:
@@ -298,7 +298,7 @@ def test_drainer_goes_on_after_a_replica_is_promoted(rabbit, amqp_url, caplog):
         drainer.run_round()
         assert 0 < drainer.counts.published < len(events)
 
-        # Promote the replica of the primary that holds the partition of parcel-0.
+        # Promote the replica of the primary that serves the partition of parcel-0.
         target = fallback.outboxes[partition_index("parcel-0", PARTITIONS)]
         old_primary = servers.primary_of_slot(client.keyslot(target.keys.pending))
         [replica] = servers.replicas_of(old_primary)
@@ -306,13 +306,13 @@ def test_drainer_goes_on_after_a_replica_is_promoted(rabbit, amqp_url, caplog):
         assert servers.roles()[replica] == "master"
         with servers.node(replica).client() as promoted:
             # Redis 7 replicates what scripts wrote, not the scripts: the promoted node
-            # answers NOSCRIPT until the outbox loads them again.
+            # replies NOSCRIPT until the outbox loads them again.
             assert promoted.script_exists(target._scripts["claim"].sha) == [False]
 
         more = [ParcelScanned(parcel_id="parcel-0") for _ in range(100)]
         with caplog.at_level(logging.WARNING, logger="outbox.store"):
             fallback.publish(more)
-        # The push went to the old primary first, which answered MOVED, and was retried.
+        # The push went to the old primary first, which replied MOVED, and was retried.
         retried = f"Redis push on outbox {target.name} failed, retrying"
         assert any(r.getMessage().startswith(retried) for r in caplog.records)
         finished = drainer.drain_once(max_outage_s=20)

@@ -129,7 +129,7 @@ def test_one_partition_keeps_the_outbox_name(redis_client):
     assert redis_client.smembers(REGISTRY_KEY) == {b"acme.shop.events"}
 
 
-def test_messages_of_one_key_stay_in_order_in_one_partition(redis_client):
+def test_one_key_stays_in_order_in_one_partition(redis_client):
     bus = cart_bus(redis_client)
     keys = [key_in_partition(index) for index in range(PARTITIONS)]
     events = [CartChanged(cart_id=keys[step % PARTITIONS], step=step) for step in range(30)]
@@ -171,7 +171,7 @@ def test_partition_key_returning_no_str_is_rejected(redis_client):
         bus.publish(CartChanged(cart_id="c1"))
 
 
-def test_failed_partition_raises_partial_store_error_naming_both_sides(redis_client):
+def test_failed_partition_raises_partial_store_error(redis_client):
     bus = cart_bus(redis_client)
     first = CartChanged(cart_id=key_in_partition(0))
     second = CartChanged(cart_id=key_in_partition(1))
@@ -187,7 +187,7 @@ def test_failed_partition_raises_partial_store_error_naming_both_sides(redis_cli
     assert stored_ids(redis_client, bus.outboxes[0]) == [first.id]
 
 
-def test_failure_of_the_first_partition_raises_the_plain_store_error(redis_client):
+def test_first_partition_failure_raises_store_error(redis_client):
     bus = cart_bus(redis_client)
     redis_client.set(bus.outboxes[0].keys.pending, b"not a list")
 
@@ -220,7 +220,7 @@ def test_rabbitmq_bus_passes_messages_to_a_partitioned_fallback(redis_client):
     assert stored_ids(redis_client, fallback.outboxes[2]) == [event.id]
 
 
-def test_wait_without_replicas_logs_a_warning_and_keeps_the_entry(redis_client, caplog):
+def test_wait_without_replicas_logs_warning(redis_client, caplog):
     bus = RedisDomainEventBus("acme", "shop", redis_client, wait_replicas=1, wait_timeout_ms=50)
     event = CartChanged(cart_id="c1")
 
