@@ -206,7 +206,7 @@ class Drainer:
                 outage_since = outage_since if outage_since is not None else now
                 if now - outage_since >= max_outage_s:
                     logger.error(
-                        "RabbitMQ kept failing for %.0f s, giving up: %s",
+                        "RabbitMQ kept failing for %.1f s, giving up: %s",
                         max_outage_s,
                         self._broker_down,
                     )
