@@ -243,9 +243,7 @@ def test_ack_with_stale_token_changes_nothing(redis_client: redis.Redis, outbox:
     assert snapshot(redis_client, outbox) == before
 
 
-def test_ack_after_lease_expired_changes_nothing(
-    redis_client: redis.Redis, outbox: Outbox
-) -> None:
+def test_ack_after_lease_expired_changes_nothing(redis_client: redis.Redis, outbox: Outbox) -> None:
     # No drainer has claimed the entry again yet, but the lease is over, so its holder
     # must not act on it any more, because another drainer may be publishing it.
     outbox.push([b"a"])
@@ -300,9 +298,7 @@ def test_extend_sets_deadline_from_server_clock(redis_client: redis.Redis, outbo
     assert before + 5_000 <= deadline <= after + 5_000
 
 
-def test_extend_with_stale_token_changes_nothing(
-    redis_client: redis.Redis, outbox: Outbox
-) -> None:
+def test_extend_with_stale_token_changes_nothing(redis_client: redis.Redis, outbox: Outbox) -> None:
     outbox.push([b"a"])
     (stale,) = claim_live(outbox)
     expire(redis_client, outbox, [stale])
@@ -642,9 +638,7 @@ def test_stats_of_empty_outbox_is_all_zero(outbox: Outbox) -> None:
 
 
 @pytest.mark.slow
-def test_claim_reclaims_10000_expired_leases(
-    redis_client: redis.Redis, outbox: Outbox
-) -> None:
+def test_claim_reclaims_10000_expired_leases(redis_client: redis.Redis, outbox: Outbox) -> None:
     outbox.push([b"%d" % index for index in range(MAX_BATCH_SIZE)])
     first = outbox.claim(batch_size=MAX_BATCH_SIZE, lease_ms=1)
     wait_for_server_time(redis_client, first.server_time_ms + 2)
@@ -652,9 +646,7 @@ def test_claim_reclaims_10000_expired_leases(
     second = outbox.claim(batch_size=MAX_BATCH_SIZE, lease_ms=LIVE_LEASE_MS)
 
     assert len(second.leases) == MAX_BATCH_SIZE
-    assert {lease.entry_id for lease in second.leases} == {
-        lease.entry_id for lease in first.leases
-    }
+    assert {lease.entry_id for lease in second.leases} == {lease.entry_id for lease in first.leases}
     assert {lease.attempts for lease in second.leases} == {2}
     assert outbox.ack(second.leases) == [True] * MAX_BATCH_SIZE
 
