@@ -229,23 +229,42 @@ class Drainer:
         return True
 
     def run_forever(self) -> None:
-        """Drain until :attr:`stopping` is set, backing off while RabbitMQ is unavailable."""
+        """Drain until :attr:`stopping` is set.
+
+        While RabbitMQ or Redis is unavailable the drainer backs off, with jitter, up to
+        _BACKOFF_MAX_S between tries, and logs each outage once when it starts and once
+        when it ends.
+        """
         idle_wait = _IDLE_WAIT_MIN_S
         backoff = _BACKOFF_MIN_S
+        redis_error: StoreError | None = None
         while not self.stopping.is_set():
-            was_down = self._broker_down is not None
-            handled = self.run_round()
+            try:
+                handled = self.run_round()
+            except StoreError as exc:
+                if redis_error is None:
+                    logger.warning(
+                        "Redis is unavailable, retrying with backoff up to %.0f s: %s",
+                        _BACKOFF_MAX_S,
+                        exc,
+                    )
+                redis_error = exc
+                self.stopping.wait(backoff * (0.5 + random.random() / 2))
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                continue
+            if redis_error is not None:
+                logger.info("Redis answers again; draining resumed")
+                redis_error = None
             if self._broker_down is not None:
-                if not was_down:
+                if not self._recovering:
                     logger.warning(
                         "RabbitMQ is unavailable, retrying with backoff up to %.0f s: %s",
                         _BACKOFF_MAX_S,
                         self._broker_down,
                     )
+                self._recovering = True
                 self.stopping.wait(backoff * (0.5 + random.random() / 2))
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
-                self._broker_down = None
-                self._recovering = True
                 continue
             if self._recovering and handled:
                 logger.info("RabbitMQ confirms publishes again; draining resumed")
@@ -264,7 +283,11 @@ class Drainer:
         itself, which leaves the list unchanged) and wakes as soon as a producer pushes.
         With several, it sleeps ``timeout_s``, which stays at most _IDLE_WAIT_MAX_S.
         """
-        outboxes = self.outboxes()
+        try:
+            outboxes = self.outboxes()
+        except StoreError as exc:
+            logger.debug("Looking for outboxes failed while idle: %s", exc)
+            outboxes = []
         if len(outboxes) != 1:
             self.stopping.wait(timeout_s)
             return

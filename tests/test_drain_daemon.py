@@ -154,3 +154,36 @@ def test_oldest_pending_age_grows_while_nothing_drains(redis_client):
 
     assert age is not None
     assert age >= 0.04
+
+
+def test_daemon_survives_a_redis_restart(rabbit, amqp_url):
+    from tests.servers import RedisServer
+
+    server = RedisServer()
+    try:
+        client = server.client(socket_timeout=1, socket_connect_timeout=1)
+        organization = rabbit.organization()
+        queue = rabbit.bind_queue(f"{organization}.logistics")
+        bus = RedisDomainEventBus(organization, "logistics", client, retry_for_s=0.2)
+        drainer = Drainer(
+            client, RabbitMqConnector(amqp_url), DrainSettings(outboxes=[bus.outbox.name])
+        )
+        drainer.outboxes()[0].retry_for_s = 0.2
+        thread = threading.Thread(target=drainer.run_forever, daemon=True)
+        thread.start()
+        try:
+            server.stop()
+            time.sleep(1.5)
+            server.start()
+            event = ParcelShipped(parcel_id="after-restart")
+            bus.publish(event)
+            received = rabbit.consume_all(queue, expected=1, timeout_s=20)
+            alive = thread.is_alive()
+        finally:
+            drainer.stopping.set()
+            thread.join(timeout=10)
+            drainer.close()
+    finally:
+        server.close()
+    assert alive
+    assert [p.message_id for _, p, _ in received] == [event.id]
