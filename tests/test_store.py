@@ -275,10 +275,10 @@ def test_ack_with_unknown_entry_id_returns_false(outbox: Outbox) -> None:
 
 def test_extend_keeps_lease_from_expiring(redis_client: redis.Redis, outbox: Outbox) -> None:
     outbox.push([b"a"])
-    claim = outbox.claim(batch_size=1, lease_ms=50)
+    claim = outbox.claim(batch_size=1, lease_ms=500)
 
     statuses = outbox.extend(claim.leases, lease_ms=LIVE_LEASE_MS)
-    wait_for_server_time(redis_client, claim.server_time_ms + 60)
+    wait_for_server_time(redis_client, claim.server_time_ms + 510)
 
     assert statuses == [True]
     assert claim_live(outbox) == []
