@@ -35,27 +35,42 @@ local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 -- A lease is current while the caller's token is stored for the entry and its
 -- deadline has not passed. claim takes back leases whose deadline is <= now, so a
 -- drainer must not act on one after that moment, even before anyone took it back.
-local function holds_lease(id, token)
-  if redis.call('HGET', tokens_key, id) ~= token then
-    return false
-  end
-  local lease_deadline = tonumber(redis.call('ZSCORE', leased_key, id))
-  return lease_deadline ~= nil and lease_deadline > now_ms
+-- The wrapper sends at most 1000 pairs a call, so each command below gets at most
+-- 1000 ids.
+local ids = {}
+local tokens = {}
+for index = 1, #ARGV, 2 do
+  ids[#ids + 1] = ARGV[index]
+  tokens[#tokens + 1] = ARGV[index + 1]
+end
+if #ids == 0 then
+  return {}
 end
 
+local current_tokens = redis.call('HMGET', tokens_key, unpack(ids))
+local lease_deadlines = redis.call('ZMSCORE', leased_key, unpack(ids))
+
 local statuses = {}
-for index = 1, #ARGV, 2 do
-  local id = ARGV[index]
-  local token = ARGV[index + 1]
-  if holds_lease(id, token) then
-    redis.call('ZREM', leased_key, id)
-    redis.call('HDEL', tokens_key, id)
-    redis.call('HDEL', payloads_key, id)
-    redis.call('HDEL', attempts_key, id)
-    redis.call('HDEL', errors_key, id)
-    statuses[#statuses + 1] = 1
+local done = {}
+-- An id listed twice is acknowledged once; its second pair reports 0.
+local acked = {}
+for position, id in ipairs(ids) do
+  local lease_deadline = tonumber(lease_deadlines[position])
+  if current_tokens[position] == tokens[position] and not acked[id]
+      and lease_deadline ~= nil and lease_deadline > now_ms then
+    done[#done + 1] = id
+    acked[id] = true
+    statuses[position] = 1
   else
-    statuses[#statuses + 1] = 0
+    statuses[position] = 0
   end
+end
+
+if #done > 0 then
+  redis.call('ZREM', leased_key, unpack(done))
+  redis.call('HDEL', tokens_key, unpack(done))
+  redis.call('HDEL', payloads_key, unpack(done))
+  redis.call('HDEL', attempts_key, unpack(done))
+  redis.call('HDEL', errors_key, unpack(done))
 end
 return statuses

@@ -91,24 +91,39 @@ for _, id in ipairs(expired) do
 end
 
 -- Phase 2: new entries, oldest (the tail) first. Each chunk is copied into the
--- lease tables before LTRIM removes it from the list.
+-- lease tables before LTRIM removes it from the list. Every write covers a whole
+-- chunk, so at most 2 * CHUNK arguments are unpacked into one command.
 while leased_count < batch_size do
   local take = math.min(CHUNK, batch_size - leased_count)
   local chunk = redis.call('LRANGE', pending_key, -take, -1)
   if #chunk == 0 then
     break
   end
-  for index = #chunk, 1, -1 do
-    local id = tostring(redis.call('INCR', sequence_key))
-    local payload = chunk[index]
-    redis.call('HSET', payloads_key, id, payload)
-    redis.call('HSET', attempts_key, id, 1)
-    redis.call('HSET', tokens_key, id, token)
-    redis.call('ZADD', leased_key, deadline, id)
+  local last_id = redis.call('INCRBY', sequence_key, #chunk)
+  local first_id = last_id - #chunk + 1
+  local payload_fields = {}
+  local attempt_fields = {}
+  local token_fields = {}
+  local deadlines = {}
+  for offset = 0, #chunk - 1 do
+    local id = tostring(first_id + offset)
+    local payload = chunk[#chunk - offset]
+    payload_fields[#payload_fields + 1] = id
+    payload_fields[#payload_fields + 1] = payload
+    attempt_fields[#attempt_fields + 1] = id
+    attempt_fields[#attempt_fields + 1] = 1
+    token_fields[#token_fields + 1] = id
+    token_fields[#token_fields + 1] = token
+    deadlines[#deadlines + 1] = deadline
+    deadlines[#deadlines + 1] = id
     reply[#reply + 1] = id
     reply[#reply + 1] = 1
     reply[#reply + 1] = payload
   end
+  redis.call('HSET', payloads_key, unpack(payload_fields))
+  redis.call('HSET', attempts_key, unpack(attempt_fields))
+  redis.call('HSET', tokens_key, unpack(token_fields))
+  redis.call('ZADD', leased_key, unpack(deadlines))
   redis.call('LTRIM', pending_key, 0, -#chunk - 1)
   leased_count = leased_count + #chunk
 end

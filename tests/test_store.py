@@ -836,3 +836,11 @@ def test_script_flush_between_reload_and_evalsha_still_runs_the_script(redis_cli
     claim = outbox.claim(batch_size=1, lease_ms=1000)
 
     assert [lease.payload for lease in claim.leases] == [b"entry"]
+
+
+def test_ack_listing_one_lease_twice_acknowledges_it_once(redis_client):
+    outbox = Outbox(redis_client, "twice.events")
+    outbox.push([b"entry"])
+    [lease] = outbox.claim(batch_size=1, lease_ms=60_000).leases
+
+    assert outbox.ack([lease, lease]) == [True, False]
