@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ from outbox.rabbitmq import (
 from outbox.records import OutboxRecord, decode_record
 from outbox.store import (
     DEFAULT_MAX_ATTEMPTS,
+    Claim,
     Lease,
     Outbox,
     discover_outboxes,
@@ -125,9 +127,75 @@ class Drainer:
         self._recovering = False
         self._rounds = 0
         self.metrics: Any = None
+        # The next batch of an outbox is claimed by this thread while the current batch
+        # waits for its confirms, so RabbitMQ and Redis work at the same time.
+        self._redis_worker: ThreadPoolExecutor | None = None
+        self._prefetched: dict[str, tuple[float, Future[Claim]]] = {}
 
     def close(self) -> None:
-        self._publisher.close()
+        """Release claimed batches that were not published and close the connections."""
+        try:
+            self.release_prefetched()
+        finally:
+            if self._redis_worker is not None:
+                self._redis_worker.shutdown(wait=True)
+                self._redis_worker = None
+            self._publisher.close()
+
+    def release_prefetched(self) -> None:
+        """Give back batches claimed ahead of time, with their attempts refunded."""
+        while self._prefetched:
+            name, (_, future) = self._prefetched.popitem()
+            try:
+                claim = future.result()
+            except StoreError as exc:
+                logger.warning("Claiming ahead on outbox %s failed: %s", name, exc)
+                continue
+            self._count_dead_lettered(self._outbox(name), claim.dead_lettered)
+            if claim.leases:
+                self._outbox(name).release(
+                    claim.leases, refund=True, error="released unpublished by a stopping drainer"
+                )
+
+    def _prefetch(self, outbox: Outbox) -> None:
+        if self.stopping.is_set() or outbox.name in self._prefetched:
+            return
+        if self._redis_worker is None:
+            self._redis_worker = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="outbox-claim"
+            )
+        future = self._redis_worker.submit(
+            outbox.claim, batch_size=self.settings.batch_size, lease_ms=self.settings.lease_ms
+        )
+        self._prefetched[outbox.name] = (time.monotonic(), future)
+
+    def _claim(self, outbox: Outbox) -> Claim:
+        """Return the batch claimed ahead for ``outbox``, renewed when it waited long, or claim now."""
+        settings = self.settings
+        entry = self._prefetched.pop(outbox.name, None)
+        if entry is None:
+            return outbox.claim(batch_size=settings.batch_size, lease_ms=settings.lease_ms)
+        submitted, future = entry
+        claim = future.result()
+        waited_ms = (time.monotonic() - submitted) * 1000
+        if claim.leases and waited_ms > settings.lease_ms / 3:
+            kept = outbox.extend(claim.leases, lease_ms=settings.lease_ms)
+            leases = [lease for lease, renewed in zip(claim.leases, kept, strict=True) if renewed]
+            claim = claim._replace(leases=leases)
+        return claim
+
+    def _count_dead_lettered(self, outbox: Outbox, count: int) -> None:
+        if not count:
+            return
+        self.counts.dead_lettered += count
+        if self.metrics is not None:
+            self.metrics.dead_lettered.labels(outbox.name).inc(count)
+        logger.warning(
+            "Dead-lettered %d entries of outbox %s after %d attempts each",
+            count,
+            outbox.name,
+            self.settings.max_attempts,
+        )
 
     def serve_metrics(self, port: int, address: str = "0.0.0.0") -> None:
         """Serve Prometheus metrics on ``address:port`` while the drainer runs."""
@@ -327,28 +395,24 @@ class Drainer:
             if self.stopping.is_set() or self._broker_down is not None:
                 break
             handled += self.drain_batch(outbox)
+        if self.stopping.is_set() or self._broker_down is not None:
+            self.release_prefetched()
         return handled
 
     def drain_batch(self, outbox: Outbox) -> int:
         """Claim one batch of ``outbox`` and publish it; return the number of entries claimed."""
-        settings = self.settings
-        claim = outbox.claim(batch_size=settings.batch_size, lease_ms=settings.lease_ms)
-        if claim.dead_lettered:
-            self.counts.dead_lettered += claim.dead_lettered
-            if self.metrics is not None:
-                self.metrics.dead_lettered.labels(outbox.name).inc(claim.dead_lettered)
-            logger.warning(
-                "Dead-lettered %d entries of outbox %s after %d attempts each",
-                claim.dead_lettered,
-                outbox.name,
-                settings.max_attempts,
-            )
+        claim = self._claim(outbox)
+        self._count_dead_lettered(outbox, claim.dead_lettered)
         if not claim.leases:
             return claim.dead_lettered
-        self._process(outbox, claim.leases, claim.server_time_ms)
+        # A full batch suggests more entries wait; claim them while this batch publishes.
+        full = len(claim.leases) >= self.settings.batch_size
+        self._process(outbox, claim.leases, claim.server_time_ms, claim_ahead=full)
         return len(claim.leases) + claim.dead_lettered
 
-    def _process(self, outbox: Outbox, leases: list[Lease], now_ms: int) -> None:
+    def _process(
+        self, outbox: Outbox, leases: list[Lease], now_ms: int, *, claim_ahead: bool = False
+    ) -> None:
         settings = self.settings
         sendable: list[tuple[Lease, OutboxRecord]] = []
         unpublishable: list[tuple[Lease, str]] = []
@@ -398,9 +462,15 @@ class Drainer:
             self._release_each(outbox, too_large, refund=False)
 
         if sendable:
-            self._publish(outbox, sendable)
+            self._publish(outbox, sendable, claim_ahead=claim_ahead)
 
-    def _publish(self, outbox: Outbox, sendable: list[tuple[Lease, OutboxRecord]]) -> None:
+    def _publish(
+        self,
+        outbox: Outbox,
+        sendable: list[tuple[Lease, OutboxRecord]],
+        *,
+        claim_ahead: bool = False,
+    ) -> None:
         settings = self.settings
         leases = [lease for lease, _ in sendable]
         renew_every_s = settings.lease_ms / 3000
@@ -410,6 +480,8 @@ class Drainer:
             logger.debug("Renewed %d of %d leases of outbox %s", sum(kept), len(kept), outbox.name)
 
         started = time.monotonic()
+        if claim_ahead:
+            self._prefetch(outbox)
         try:
             results = self._publisher.publish(
                 [record for _, record in sendable],

@@ -452,7 +452,16 @@ class ConfirmingPublisher:
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
         tag = method.delivery_tag
-        tags = [t for t in self._waiting if t <= tag] if method.multiple else [tag]
+        if method.multiple:
+            # Tags are handed out in order, so the waiting tags up to ``tag`` are the
+            # oldest ones; walking from the front keeps a batch's confirms linear.
+            tags = []
+            for waiting_tag in self._waiting:
+                if waiting_tag > tag:
+                    break
+                tags.append(waiting_tag)
+        else:
+            tags = [tag]
         for delivery_tag in tags:
             index = self._waiting.pop(delivery_tag, None)
             if index is None:

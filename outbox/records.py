@@ -83,20 +83,32 @@ def decode_record(payload: bytes) -> OutboxRecord:
     if payload[:1] in (b"{", b" ", b"\n", b"\t", b"\r"):
         return _decode_petisco(payload)
     try:
+        record = _record_decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        # A newer layout may fail the current schema; its format number explains why.
+        _check_format(payload, exc)
+        raise RecordDecodeError(f"entry is not a valid outbox record: {exc}") from exc
+    if record.format > RECORD_FORMAT:
+        raise _newer_format_error(record.format)
+    return record
+
+
+def _check_format(payload: bytes, cause: Exception) -> None:
+    try:
         probe = _probe_decoder.decode(payload)
     except msgspec.DecodeError as exc:
         raise RecordDecodeError(
             f"entry is neither an outbox record nor petisco JSON: {exc}"
         ) from exc
     if probe.format > RECORD_FORMAT:
-        raise RecordDecodeError(
-            f"record format {probe.format} is newer than this drainer reads ({RECORD_FORMAT}); "
-            "upgrade redis-outbox where the drainer runs, then requeue the dead letter"
-        )
-    try:
-        return _record_decoder.decode(payload)
-    except msgspec.DecodeError as exc:
-        raise RecordDecodeError(f"entry is not a valid outbox record: {exc}") from exc
+        raise _newer_format_error(probe.format) from cause
+
+
+def _newer_format_error(found: int) -> RecordDecodeError:
+    return RecordDecodeError(
+        f"record format {found} is newer than this drainer reads ({RECORD_FORMAT}); "
+        "upgrade redis-outbox where the drainer runs, then requeue the dead letter"
+    )
 
 
 def _decode_petisco(payload: bytes) -> OutboxRecord:

@@ -182,3 +182,9 @@ def test_petisco_record_is_rebuilt_with_exchange_and_routing_key():
     assert record.routing_key == "acme.reg.1.event.user_created"
     assert json.loads(record.body) == body
     assert record.message_id == body["data"]["id"]
+
+
+def test_complete_record_of_newer_format_is_rejected():
+    record = OutboxRecord(exchange="e", routing_key="k", body=b"b", message_id="m", format=2)
+    with pytest.raises(RecordDecodeError, match="newer than this drainer reads"):
+        decode_record(encode_record(record))
