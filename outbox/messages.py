@@ -109,10 +109,14 @@ def _reject_unknown(value: Any) -> Any:
 
 
 def format_time(moment: datetime) -> str:
-    """Format a datetime as petisco does, converting aware datetimes to UTC first."""
-    if moment.tzinfo is not None:
+    """Format a datetime as petisco's ``%Y-%m-%d %H:%M:%S.%f``, converting aware ones to UTC."""
+    if moment.tzinfo is not None and moment.tzinfo is not timezone.utc:
         moment = moment.astimezone(timezone.utc)
-    return moment.strftime(TIME_FORMAT)
+    # The same text as strftime(TIME_FORMAT), several times faster.
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d} "
+        f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}.{moment.microsecond:06d}"
+    )
 
 
 _INT64_MIN = -(2**63)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -27,6 +28,15 @@ def message_name(class_name: str) -> str:
 
 def exchange_name(organization: str, service: str) -> str:
     """Return the topic exchange of a service: ``{organization}.{service}``."""
+    if not (isinstance(organization, str) and isinstance(service, str)):
+        check_name_part("organization", organization)
+        check_name_part("service", service)
+    return _checked_exchange_name(organization, service)
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked_exchange_name(organization: str, service: str) -> str:
+    # Buses build an exchange name for every message; the checks run once per pair.
     check_name_part("organization", organization)
     check_name_part("service", service)
     return f"{organization}.{service}"

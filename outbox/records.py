@@ -53,7 +53,10 @@ _petisco_decoder = msgspec.json.Decoder(_PetiscoRecord)
 
 
 def record_for(message: messages.Message, *, organization: str, service: str) -> OutboxRecord:
-    """Build the record of a message published by a service, following petisco's conventions."""
+    """Build the record of a message published by a service, following petisco's conventions.
+
+    ``stored_at_ms`` is stamped now, so a per-message TTL counts from the publish call.
+    """
     return OutboxRecord(
         exchange=naming.exchange_name(organization, service),
         routing_key=naming.routing_key(
@@ -63,6 +66,7 @@ def record_for(message: messages.Message, *, organization: str, service: str) ->
         message_id=message.id,
         type=message.name,
         timestamp_s=int(message.occurred_on.timestamp()),
+        stored_at_ms=int(time.time() * 1000),
     )
 
 
