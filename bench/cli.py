@@ -15,7 +15,7 @@ from bench import suites, workload
 from bench.env import RabbitScope, RedisServer
 from bench.report import Results, machine
 
-SUITE_NAMES = ("drain", "drain-mixed", "redis", "bus", "memory", "cluster")
+SUITE_NAMES = ("drain", "drain-mixed", "redis", "bus", "latency", "memory", "cluster")
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
@@ -154,6 +154,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results.ratios += suites.redis_side(ctx)
                 elif name == "bus":
                     results.ratios += suites.bus(ctx)
+                elif name == "latency":
+                    from bench import latency
+
+                    results.latencies.append(
+                        latency.run(
+                            ctx.redis,
+                            ctx.rabbit,
+                            ctx.amqp_url,
+                            count=50 if args.quick else 300,
+                            log=_log,
+                        )
+                    )
                 elif name == "cluster":
                     from bench import cluster
 

@@ -72,6 +72,7 @@ class Memory:
 class Results:
     ratios: list[Ratio] = field(default_factory=list)
     memory: list[Memory] = field(default_factory=list)
+    latencies: list[Any] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -83,6 +84,7 @@ class Results:
                 for r in self.ratios
             ],
             "memory": [{**asdict(m), "difference_mib": m.difference_mib} for m in self.memory],
+            "latency": [asdict(latency) for latency in self.latencies],
         }
 
     def write_json(self, path: str) -> None:
@@ -126,6 +128,12 @@ class Results:
                     f"| {m.name} | {m.small_count:,} | {m.small_peak_mib:.1f} MiB | "
                     f"{_rate(m.small_rate)} {large} {difference} |"
                 )
+        if self.latencies:
+            from bench.latency import MARKDOWN_HEADER
+
+            if lines:
+                lines.append("")
+            lines += [MARKDOWN_HEADER, *(latency.markdown_row() for latency in self.latencies)]
         notes = [f"- {r.name}: {r.notes}" for r in self.ratios if r.notes]
         notes += [f"- {m.name}: {m.notes}" for m in self.memory if m.notes]
         if notes:

@@ -127,14 +127,17 @@ class Drainer:
         self._recovering = False
         self._rounds = 0
         self.metrics: Any = None
-        # The next batch of an outbox is claimed by this thread while the current batch
-        # waits for its confirms, so RabbitMQ and Redis work at the same time.
+        # A worker thread claims the next batch of an outbox while the current batch waits
+        # for its confirms, and acks a batch while the next one publishes, so RabbitMQ
+        # and Redis work at the same time.
         self._redis_worker: ThreadPoolExecutor | None = None
         self._prefetched: dict[str, tuple[float, Future[Claim]]] = {}
+        self._acks: list[tuple[Outbox, list[Lease], Future[list[bool]]]] = []
 
     def close(self) -> None:
-        """Release claimed batches that were not published and close the connections."""
+        """Finish background acks, release batches claimed ahead and close the connections."""
         try:
+            self.settle_acks()
             self.release_prefetched()
         finally:
             if self._redis_worker is not None:
@@ -160,11 +163,7 @@ class Drainer:
     def _prefetch(self, outbox: Outbox) -> None:
         if self.stopping.is_set() or outbox.name in self._prefetched:
             return
-        if self._redis_worker is None:
-            self._redis_worker = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="outbox-claim"
-            )
-        future = self._redis_worker.submit(
+        future = self._worker().submit(
             outbox.claim, batch_size=self.settings.batch_size, lease_ms=self.settings.lease_ms
         )
         self._prefetched[outbox.name] = (time.monotonic(), future)
@@ -183,6 +182,53 @@ class Drainer:
             leases = [lease for lease, renewed in zip(claim.leases, kept, strict=True) if renewed]
             claim = claim._replace(leases=leases)
         return claim
+
+    def _ack_in_background(self, outbox: Outbox, leases: list[Lease]) -> None:
+        """Ack confirmed leases on the worker thread while the next batch publishes.
+
+        The previous ack is finished first, so at most two published batches are unacked
+        at any moment: the one being acked and the one being published.
+        """
+        self.settle_acks()
+        self._acks.append((outbox, leases, self._worker().submit(outbox.ack, leases)))
+
+    def settle_acks(self) -> None:
+        """Wait for the acks running in the background and report leases that expired first."""
+        while self._acks:
+            outbox, leases, future = self._acks.pop(0)
+            try:
+                acked = future.result()
+            except StoreError as exc:
+                self._count_lost(outbox, len(leases))
+                logger.warning(
+                    "Acking %d published entries of outbox %s failed; they will be published "
+                    "again when their leases expire: %s",
+                    len(leases),
+                    outbox.name,
+                    exc,
+                )
+                continue
+            lost = acked.count(False)
+            if lost:
+                self._count_lost(outbox, lost)
+                logger.warning(
+                    "%d leases of outbox %s expired before their ack; those messages will be "
+                    "published again (same message_id)",
+                    lost,
+                    outbox.name,
+                )
+
+    def _count_lost(self, outbox: Outbox, count: int) -> None:
+        self.counts.lost_leases += count
+        if self.metrics is not None:
+            self.metrics.lost_leases.labels(outbox.name).inc(count)
+
+    def _worker(self) -> ThreadPoolExecutor:
+        if self._redis_worker is None:
+            self._redis_worker = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="outbox-redis"
+            )
+        return self._redis_worker
 
     def _count_dead_lettered(self, outbox: Outbox, count: int) -> None:
         if not count:
@@ -246,6 +292,7 @@ class Drainer:
 
     def unfinished(self) -> int:
         """Count entries still pending, leased or waiting in the outboxes drained."""
+        self.settle_acks()
         return sum(outbox.stats().unfinished for outbox in self.outboxes(refresh=True))
 
     # Draining
@@ -396,6 +443,7 @@ class Drainer:
                 break
             handled += self.drain_batch(outbox)
         if self.stopping.is_set() or self._broker_down is not None:
+            self.settle_acks()
             self.release_prefetched()
         return handled
 
@@ -499,21 +547,10 @@ class Drainer:
             lease for (lease, _), result in zip(sendable, results, strict=True) if result.confirmed
         ]
         if confirmed:
-            acked = outbox.ack(confirmed)
             self.counts.published += len(confirmed)
             if self.metrics is not None:
                 self.metrics.published.labels(outbox.name).inc(len(confirmed))
-            lost = acked.count(False)
-            if lost:
-                self.counts.lost_leases += lost
-                if self.metrics is not None:
-                    self.metrics.lost_leases.labels(outbox.name).inc(lost)
-                logger.warning(
-                    "%d leases of outbox %s expired before their ack; those messages will be "
-                    "published again (same message_id)",
-                    lost,
-                    outbox.name,
-                )
+            self._ack_in_background(outbox, confirmed)
             for (lease, record), result in zip(sendable, results, strict=True):
                 if result.confirmed:
                     logger.debug(

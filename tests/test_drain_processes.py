@@ -320,7 +320,9 @@ def test_killed_drainer_loses_nothing(
     assert frozen.leased > 0, "the kill did not land mid-batch"
     assert acked(left) > 0, "nothing was published before the kill"
     assert left.pending > 0, "the backlog was finished before the kill"
-    assert left.leased <= BATCH, f"the killed drainer held more than one batch: {left}"
+    # At most three batches: one being acked, one waiting for its confirms, and one
+    # claimed ahead that was never published.
+    assert left.leased <= 3 * BATCH, f"the killed drainer held more than three batches: {left}"
     status, finisher = drainers.run_once(backlog.outbox, lease_ms=SHORT_LEASE_MS)
     assert status == 0, finisher.output()
     received = consume(rabbit, backlog.queue)
@@ -431,7 +433,7 @@ def test_second_sigterm_exits_at_once_and_loses_nothing(
     assert dying_status != 0, dying.output()
     assert exit_s < 2.0, f"the drainer took {exit_s:.1f} s to exit after the second SIGTERM"
     assert left.leased > 0, f"the drainer exited without holding its batch: {left}"
-    assert left.leased <= BATCH, f"the drainer held more than one batch: {left}"
+    assert left.leased <= 3 * BATCH, f"the drainer held more than three batches: {left}"
     assert left.pending > 0, "the backlog was finished before the signals"
     status, finisher = drainers.run_once(backlog.outbox, lease_ms=SHORT_LEASE_MS)
     assert status == 0, finisher.output()
