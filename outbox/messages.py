@@ -10,13 +10,14 @@ where ``type`` is the dotted snake name (``user.created``), ``type_message`` is
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from datetime import datetime, timezone
 from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
-from outbox.errors import MessageEncodeError, RecordDecodeError
+from outbox.errors import MessageEncodeError, OutboxConfigError, RecordDecodeError
 from outbox.naming import MessageKind, message_name
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
@@ -41,9 +42,11 @@ def utc_now() -> datetime:
 class Message(msgspec.Struct, kw_only=True):
     """Base of :class:`DomainEvent` and :class:`Command`.
 
-    Subclasses declare their attributes as msgspec fields. ``version`` and ``name`` are
-    class-level: set ``version: ClassVar[int] = 2`` to publish a new version, and ``name``
-    only to override the name derived from the class name.
+    Subclasses declare their attributes as msgspec fields. ``version``, ``message_name``
+    and ``message_kind`` are class-level: set ``version: ClassVar[int] = 2`` to publish a
+    new version, and ``message_name`` only to override the name derived from the class
+    name. Attributes may not reuse the names of the envelope (``id``, ``occurred_on``,
+    ``meta``) or of these class-level settings.
     """
 
     id: str = msgspec.field(default_factory=new_message_id)
@@ -51,17 +54,20 @@ class Message(msgspec.Struct, kw_only=True):
     meta: dict[str, Any] = msgspec.field(default_factory=dict)
 
     version: ClassVar[int] = 1
-    name: ClassVar[str] = ""
-    kind: ClassVar[MessageKind]
+    message_name: ClassVar[str] = ""
+    message_kind: ClassVar[MessageKind]
 
     _registry: ClassVar[dict[tuple[MessageKind, str], type[Message]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "name" not in cls.__dict__:
-            cls.name = message_name(cls.__name__)
-        if cls.__name__ not in ("DomainEvent", "Command") and hasattr(cls, "kind"):
-            Message._registry[(cls.kind, cls.name)] = cls
+        if cls.__name__ in ("DomainEvent", "Command"):
+            return
+        _reject_reserved_fields(cls)
+        if "message_name" not in cls.__dict__:
+            cls.message_name = message_name(cls.__name__)
+        if hasattr(cls, "message_kind"):
+            Message._registry[(cls.message_kind, cls.message_name)] = cls
 
     def with_meta(self: M, **meta: Any) -> M:
         """Return a copy whose ``meta`` also holds ``meta``; the id stays the same."""
@@ -78,18 +84,44 @@ class Message(msgspec.Struct, kw_only=True):
 
 
 _ENVELOPE_FIELDS = frozenset({"id", "occurred_on", "meta"})
+# Names a message class cannot use for its own attributes: the envelope, the class-level
+# settings and the methods that encode a message.
+_RESERVED_NAMES = _ENVELOPE_FIELDS | {
+    "version",
+    "message_name",
+    "message_kind",
+    "with_meta",
+    "attributes",
+}
+
+
+def _reject_reserved_fields(cls: type) -> None:
+    annotations = inspect.get_annotations(cls)
+    for field_name, annotation in annotations.items():
+        text = annotation if isinstance(annotation, str) else repr(annotation)
+        if field_name in _RESERVED_NAMES and "ClassVar" not in text:
+            hint = (
+                "; set the message version with version: ClassVar[int] = N"
+                if field_name == "version"
+                else ""
+            )
+            raise OutboxConfigError(
+                f"{cls.__name__} declares an attribute {field_name!r}, a name outbox uses "
+                f"for the message itself; rename the attribute (for example "
+                f"{cls.__name__[0].lower()}{cls.__name__[1:]}_{field_name}){hint}"
+            )
 
 
 class DomainEvent(Message, kw_only=True):
     """Something that happened; published with ``RabbitMqDomainEventBus.publish``."""
 
-    kind: ClassVar[MessageKind] = "event"
+    message_kind: ClassVar[MessageKind] = "event"
 
 
 class Command(Message, kw_only=True):
     """A request to do something; sent with ``RabbitMqCommandBus.dispatch``."""
 
-    kind: ClassVar[MessageKind] = "command"
+    message_kind: ClassVar[MessageKind] = "command"
 
 
 class UnknownMessage(msgspec.Struct, kw_only=True):
@@ -145,7 +177,7 @@ def encode(message: Message) -> bytes:
 
     Raises MessageEncodeError, naming the message id, for values JSON cannot carry.
     """
-    if not isinstance(message, Message) or not hasattr(message, "kind"):
+    if not isinstance(message, Message) or not hasattr(message, "message_kind"):
         raise MessageEncodeError(
             f"expected a DomainEvent or Command instance, got {type(message).__name__}"
         )
@@ -153,8 +185,8 @@ def encode(message: Message) -> bytes:
         data = {
             "data": {
                 "id": message.id,
-                "type": message.name,
-                "type_message": _TYPE_MESSAGE[message.kind],
+                "type": message.message_name,
+                "type_message": _TYPE_MESSAGE[message.message_kind],
                 "version": message.version,
                 "occurred_on": format_time(message.occurred_on),
                 "attributes": _wire_value(message.attributes(), "$.data.attributes"),
@@ -188,8 +220,8 @@ class _Body(msgspec.Struct):
     data: _Data
 
 
-def decode(body: bytes | str) -> Message | UnknownMessage:
-    """Decode a wire body into its registered class, or UnknownMessage when none matches.
+def decode_envelope(body: bytes | str) -> UnknownMessage:
+    """Decode a wire body without looking up its class: id, kind, name, version and the rest.
 
     Raises RecordDecodeError when the body is not a message in the wire format.
     """
@@ -212,23 +244,35 @@ def decode(body: bytes | str) -> Message | UnknownMessage:
             f"expected occurred_on as {TIME_FORMAT!r}, got {data.occurred_on!r}"
             " - at $.data.occurred_on"
         ) from exc
+    return UnknownMessage(
+        id=data.id,
+        kind=kind,
+        name=data.type,
+        version=data.version,
+        occurred_on=occurred_on,
+        attributes=data.attributes,
+        meta=data.meta or {},
+    )
 
-    meta = data.meta or {}
-    cls = Message._registry.get((kind, data.type))
-    if cls is None or cls.version != data.version:
-        return UnknownMessage(
-            id=data.id,
-            kind=kind,
-            name=data.type,
-            version=data.version,
-            occurred_on=occurred_on,
-            attributes=data.attributes,
-            meta=meta,
-        )
+
+def decode(body: bytes | str) -> Message | UnknownMessage:
+    """Decode a wire body into its registered class, or UnknownMessage when none matches.
+
+    Raises RecordDecodeError when the body is not a message in the wire format.
+    """
+    envelope = decode_envelope(body)
+    cls = Message._registry.get((envelope.kind, envelope.name))
+    if cls is None or cls.version != envelope.version:
+        return envelope
     try:
-        fields = {**data.attributes, "id": data.id, "occurred_on": occurred_on, "meta": meta}
+        fields = {
+            **envelope.attributes,
+            "id": envelope.id,
+            "occurred_on": envelope.occurred_on,
+            "meta": envelope.meta,
+        }
         return msgspec.convert(fields, cls, strict=False)
     except msgspec.ValidationError as exc:
         raise RecordDecodeError(
-            f"attributes of {cls.__name__} {data.id!r} do not match the class: {exc}"
+            f"attributes of {cls.__name__} {envelope.id!r} do not match the class: {exc}"
         ) from exc

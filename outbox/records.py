@@ -60,11 +60,15 @@ def record_for(message: messages.Message, *, organization: str, service: str) ->
     return OutboxRecord(
         exchange=naming.exchange_name(organization, service),
         routing_key=naming.routing_key(
-            organization, service, version=message.version, kind=message.kind, name=message.name
+            organization,
+            service,
+            version=message.version,
+            kind=message.message_kind,
+            name=message.message_name,
         ),
         body=messages.encode(message),
         message_id=message.id,
-        type=message.name,
+        type=message.message_name,
         timestamp_s=int(message.occurred_on.timestamp()),
         stored_at_ms=int(time.time() * 1000),
     )
@@ -123,7 +127,7 @@ def _decode_petisco(payload: bytes) -> OutboxRecord:
 
     # json.dumps with its default separators gives the bytes petisco's own bus publishes.
     body = json.dumps(record.message).encode()
-    decoded = messages.decode(body)
+    decoded = messages.decode_envelope(body)
     try:
         routing_key = naming.routing_key(
             record.organization,

@@ -188,3 +188,21 @@ def test_complete_record_of_newer_format_is_rejected():
     record = OutboxRecord(exchange="e", routing_key="k", body=b"b", message_id="m", format=2)
     with pytest.raises(RecordDecodeError, match="newer than this drainer reads"):
         decode_record(encode_record(record))
+
+
+def test_attributes_named_name_and_kind_stay_attributes():
+    class ProfileRenamed(DomainEvent):
+        name: str
+        kind: str
+
+    event = ProfileRenamed(name="Ada", kind="person")
+    data = json.loads(encode(event))["data"]
+    assert data["type"] == "profile.renamed"
+    assert data["attributes"] == {"name": "Ada", "kind": "person"}
+    assert data["id"] == event.id
+
+
+@pytest.mark.parametrize("reserved", ["id", "occurred_on", "meta", "version", "attributes"])
+def test_attribute_with_reserved_name_is_rejected_at_class_definition(reserved):
+    with pytest.raises(ValueError, match=f"attribute '{reserved}'"):
+        type("Clashing", (DomainEvent,), {"__annotations__": {reserved: "str"}})
