@@ -27,6 +27,9 @@ from outbox.errors import (
     OutboxConfigError,
     RecordDecodeError,
     StoreError,
+    StoreFullError,
+    StoreReadOnlyError,
+    StoreUnavailableError,
 )
 from outbox.partitions import covers
 from outbox.rabbitmq import (
@@ -58,6 +61,8 @@ _BACKOFF_MAX_S = 30.0
 # The outbox registry is read this often, the whole keyspace scanned far less often.
 _READ_REGISTRY_EVERY_S = 1.0
 _SCAN_KEYSPACE_EVERY_S = 60.0
+# An outbox whose keys Redis rejects is reported at most this often.
+_BROKEN_REPORT_EVERY_S = 60.0
 # Longest block in Redis while waiting for entries; a stop request waits at most this long.
 _BLOCK_S = 1.0
 
@@ -117,6 +122,17 @@ class Drainer:
         self.connector = connector
         self.settings = settings or DrainSettings()
         self.settings.check()
+        # Leases are renewed while a batch waits for its confirms, not while the drainer
+        # connects, so a lease shorter than a connect can expire before the publish.
+        connect_ms = int(connector.connect_timeout_s * 2000)
+        if self.settings.lease_ms <= connect_ms:
+            logger.warning(
+                "The lease (%d ms) is not longer than twice the connect timeout (%d ms): leases "
+                "can expire while the drainer reconnects to RabbitMQ, which uses up attempts; "
+                "raise --lease-ms or lower --connect-timeout-s",
+                self.settings.lease_ms,
+                connect_ms,
+            )
         self.counts = DrainCounts()
         self.stopping = threading.Event()
         self._publisher: ConfirmingPublisher = connector.publisher()
@@ -124,6 +140,7 @@ class Drainer:
         self._scanned_at = float("-inf")
         self._registry_read_at = float("-inf")
         self._broker_down: BrokerError | None = None
+        self._nacked: BrokerError | None = None
         self._recovering = False
         self._rounds = 0
         self.metrics: Any = None
@@ -133,6 +150,7 @@ class Drainer:
         self._redis_worker: ThreadPoolExecutor | None = None
         self._prefetched: dict[str, tuple[float, Future[Claim]]] = {}
         self._acks: list[tuple[Outbox, list[Lease], Future[list[bool]]]] = []
+        self._broken_reported: dict[str, float] = {}
 
     def close(self) -> None:
         """Finish background acks, release batches claimed ahead and close the connections."""
@@ -218,6 +236,19 @@ class Drainer:
                     outbox.name,
                 )
 
+    def _report_broken(self, outbox: Outbox, error: StoreError) -> None:
+        now = time.monotonic()
+        if now - self._broken_reported.get(outbox.name, float("-inf")) < _BROKEN_REPORT_EVERY_S:
+            return
+        self._broken_reported[outbox.name] = now
+        logger.error(
+            "Skipping outbox %s, whose keys Redis rejects (reported again in %.0f s if it "
+            "persists); fix or delete them: %s",
+            outbox.name,
+            _BROKEN_REPORT_EVERY_S,
+            error,
+        )
+
     def _count_lost(self, outbox: Outbox, count: int) -> None:
         self.counts.lost_leases += count
         if self.metrics is not None:
@@ -293,7 +324,15 @@ class Drainer:
     def unfinished(self) -> int:
         """Count entries still pending, leased or waiting in the outboxes drained."""
         self.settle_acks()
-        return sum(outbox.stats().unfinished for outbox in self.outboxes(refresh=True))
+        total = 0
+        for outbox in self.outboxes(refresh=True):
+            try:
+                total += outbox.stats().unfinished
+            except (StoreUnavailableError, StoreReadOnlyError, StoreFullError):
+                raise
+            except StoreError as exc:
+                self._report_broken(outbox, exc)
+        return total
 
     # Draining
 
@@ -313,22 +352,27 @@ class Drainer:
         backoff = _BACKOFF_MIN_S
         outage_since: float | None = None
         while not self.stopping.is_set():
+            published_before = self.counts.published
             handled = self.run_round()
             if on_progress is not None:
                 on_progress(self.counts)
-            if self._broker_down is not None:
+            # Nacks stop a one-off drain too when nothing else goes out, or a queue that
+            # refuses every publish would keep it retrying forever.
+            nothing_published = self.counts.published == published_before
+            failure = self._broker_down or (self._nacked if nothing_published else None)
+            if failure is not None:
                 now = time.monotonic()
                 outage_since = outage_since if outage_since is not None else now
                 if now - outage_since >= max_outage_s:
                     logger.error(
                         "RabbitMQ kept failing for %.1f s, giving up: %s",
                         max_outage_s,
-                        self._broker_down,
+                        failure,
                     )
+                    self.settle_acks()
+                    self.release_prefetched()
                     return False
-                logger.warning(
-                    "RabbitMQ failed, retrying in %.1f s: %s", backoff, self._broker_down
-                )
+                logger.warning("RabbitMQ failed, retrying in %.1f s: %s", backoff, failure)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
                 continue
@@ -431,6 +475,7 @@ class Drainer:
         """
         handled = 0
         self._broker_down = None
+        self._nacked = None
         if self.settings.petisco_keys:
             handled += self._adopt_petisco_lists()
         outboxes = self.outboxes()
@@ -441,7 +486,14 @@ class Drainer:
         for outbox in outboxes:
             if self.stopping.is_set() or self._broker_down is not None:
                 break
-            handled += self.drain_batch(outbox)
+            try:
+                handled += self.drain_batch(outbox)
+            except (StoreUnavailableError, StoreReadOnlyError, StoreFullError):
+                raise
+            except StoreError as exc:
+                # An error of this outbox alone, such as a key of the wrong type: the
+                # other outboxes keep draining.
+                self._report_broken(outbox, exc)
         if self.stopping.is_set() or self._broker_down is not None:
             self.settle_acks()
             self.release_prefetched()
@@ -573,10 +625,24 @@ class Drainer:
                 refund=False,
             )
 
+        # A nack comes from a queue that refused the message (a length limit with
+        # reject-publish, say): the attempt is refunded, but only this outbox waits,
+        # for --retry-delay-ms, so the others keep draining.
+        nacked = [
+            (lease, str(result.error))
+            for (lease, _), result in zip(sendable, results, strict=True)
+            if result.status is PublishStatus.NACKED
+        ]
+        if nacked:
+            self._nacked = next(
+                result.error for result in results if result.status is PublishStatus.NACKED
+            )
+            self._release_each(outbox, nacked, refund=True, delay_ms=settings.retry_delay_ms)
+
         by_broker = [
             (lease, result)
             for (lease, _), result in zip(sendable, results, strict=True)
-            if result.status in (PublishStatus.NACKED, PublishStatus.FAILED)
+            if result.status is PublishStatus.FAILED
         ]
         if by_broker:
             self._broker_down = by_broker[0][1].error
@@ -590,10 +656,20 @@ class Drainer:
         self._release_each(outbox, [(lease, error) for lease in leases], refund=refund)
 
     def _release_each(
-        self, outbox: Outbox, failures: list[tuple[Lease, str]], *, refund: bool
+        self,
+        outbox: Outbox,
+        failures: list[tuple[Lease, str]],
+        *,
+        refund: bool,
+        delay_ms: int | None = None,
     ) -> None:
-        """Release failed entries, each with its own error; one release call per distinct error."""
-        delay_ms = 0 if refund else self.settings.retry_delay_ms
+        """Release failed entries, each with its own error; one release call per distinct error.
+
+        Without ``delay_ms``, broker failures (refunded) are due at once, since the whole
+        drainer backs off, and failures of the message wait --retry-delay-ms.
+        """
+        if delay_ms is None:
+            delay_ms = 0 if refund else self.settings.retry_delay_ms
         by_error: dict[str, list[Lease]] = {}
         for lease, error in failures:
             by_error.setdefault(error, []).append(lease)

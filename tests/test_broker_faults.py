@@ -410,7 +410,7 @@ def test_unroutable_message_is_stored_then_drained(broker, redis_client, caplog)
     assert record.message_id == event.id
     assert record.exchange == exchange
     assert record.routing_key == routing_key(
-        organization, SERVICE, version=1, kind="event", name=ParcelShipped.name
+        organization, SERVICE, version=1, kind="event", name=ParcelShipped.message_name
     )
     assert drained
     assert broker.message_ids(queue, expected=1) == [event.id]
@@ -472,7 +472,7 @@ def test_exchange_with_other_arguments_still_receives(
     caplog.set_level(logging.WARNING, logger="outbox")
     organization = broker.organization()
     exchange = exchange_name(organization, SERVICE)
-    key = routing_key(organization, SERVICE, version=1, kind="event", name=ParcelShipped.name)
+    key = routing_key(organization, SERVICE, version=1, kind="event", name=ParcelShipped.message_name)
     queue = broker.bind_queue(
         exchange, binding_key=key, exchange_type=exchange_type, durable_exchange=durable
     )

@@ -208,3 +208,24 @@ def test_drain_command_from_petisco_publishes_petisco_lists(redis_url, redis_cli
     assert redis_client.llen("events") == 0
     [letter] = Outbox(redis_client, "events").dead_letters()
     assert "cannot decode entry" in letter.reason
+
+
+def test_outbox_with_broken_keys_does_not_stop_the_others(redis_client, rabbit, amqp_url, caplog):
+    organization = rabbit.organization()
+    queue = rabbit.bind_queue(f"{organization}.billing")
+    events = fill_outbox(redis_client, organization, 20)
+    broken = Outbox(redis_client, "broken.billing.events")
+    redis_client.set(broken.keys.pending, "not a list")
+    good = f"{organization}.billing.events"
+    drainer = Drainer(
+        redis_client, RabbitMqConnector(amqp_url), DrainSettings(outboxes=[broken.name, good])
+    )
+
+    finished = drainer.drain_once()
+    drainer.close()
+
+    assert finished
+    received = rabbit.consume_all(queue, expected=20)
+    assert [p.message_id for _, p, _ in received] == [e.id for e in events]
+    assert "Skipping outbox broken.billing.events" in caplog.text
+    assert redis_client.get(broken.keys.pending) == b"not a list"
