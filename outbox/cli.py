@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 import redis.exceptions as redis_errors
@@ -45,6 +45,26 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+def _usage_error(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+_FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
+
+
+def _env_flag(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in _TRUE_WORDS:
+        return True
+    if raw in _FALSE_WORDS:
+        return False
+    _usage_error(
+        f"environment variable {name} must be 1, true, yes or on (or 0, false, no, off), got {raw!r}"
+    )
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -52,9 +72,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise SystemExit(
-            f"error: environment variable {name} must be an integer, got {raw!r}"
-        ) from None
+        _usage_error(f"environment variable {name} must be an integer, got {raw!r}")
 
 
 def _env_float(name: str, default: float) -> float:
@@ -64,9 +82,18 @@ def _env_float(name: str, default: float) -> float:
     try:
         return float(raw)
     except ValueError:
-        raise SystemExit(
-            f"error: environment variable {name} must be a number, got {raw!r}"
-        ) from None
+        _usage_error(f"environment variable {name} must be a number, got {raw!r}")
+
+
+def _check_choices(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check values that came from environment variables, which argparse does not check."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.choices is not None and value is not None and value not in action.choices:
+            parser.error(
+                f"argument {'/'.join(action.option_strings)}: invalid choice {value!r} "
+                f"(choose from {', '.join(map(str, action.choices))})"
+            )
 
 
 def _add_redis_options(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +105,7 @@ def _add_redis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--redis-cluster",
         action="store_true",
-        default=_env("OUTBOX_REDIS_CLUSTER", "") not in ("", "0", "false"),
+        default=_env_flag("OUTBOX_REDIS_CLUSTER"),
         help="--redis-url is one node of a Redis Cluster; the other nodes are found from it "
         "(env OUTBOX_REDIS_CLUSTER=1)",
     )
@@ -201,7 +228,7 @@ def drain_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--once",
         action="store_true",
-        default=_env("OUTBOX_ONCE", "") not in ("", "0", "false"),
+        default=_env_flag("OUTBOX_ONCE"),
         help="drain until nothing is pending or leased, then exit (env OUTBOX_ONCE=1); "
         "without it the drainer runs until SIGTERM or SIGINT",
     )
@@ -264,7 +291,7 @@ def drain_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--from-petisco",
         action="store_true",
-        default=_env("OUTBOX_FROM_PETISCO", "") not in ("", "0", "false"),
+        default=_env_flag("OUTBOX_FROM_PETISCO"),
         help="also drain the lists petisco's Redis buses write, moving their entries into "
         "outboxes of the same name before every round (env OUTBOX_FROM_PETISCO=1)",
     )
@@ -338,7 +365,13 @@ class ProgressLine:
 
 
 def drain_command(argv: Sequence[str] | None = None) -> int:
-    args = drain_parser().parse_args(argv)
+    parser = drain_parser()
+    args = parser.parse_args(argv)
+    _check_choices(parser, args)
+    if args.max_message_bytes < 1:
+        parser.error(f"--max-message-bytes must be at least 1, got {args.max_message_bytes}")
+    if args.max_outage_s < 0:
+        parser.error(f"--max-outage-s must not be negative, got {args.max_outage_s}")
     configure_logging(args.log_level, args.log_format)
     settings = DrainSettings(
         batch_size=args.batch_size,
@@ -357,7 +390,7 @@ def drain_command(argv: Sequence[str] | None = None) -> int:
             connection_name="outbox-drain",
         )
         drainer = Drainer(redis_client(args), connector, settings)
-    except OutboxConfigError as exc:
+    except (OutboxConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OutboxError as exc:
@@ -504,9 +537,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "stats":
             return _stats(outboxes, as_json=args.json)
         return _dead(args, outboxes)
+    except (OutboxConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OutboxError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader of the output went away, as `| head` does; that is not an error.
+        sys.stderr.close()
+        return EXIT_OK
 
 
 def _stats(outboxes: list[Outbox], *, as_json: bool) -> int:
@@ -587,6 +627,9 @@ def _dead(args: argparse.Namespace, outboxes: list[Outbox]) -> int:
     if not args.entry_ids and not args.all:
         print(f"error: dead {action} needs entry ids or --all", file=sys.stderr)
         return EXIT_USAGE
+    if args.entry_ids and args.all:
+        print(f"error: dead {action} takes entry ids or --all, not both", file=sys.stderr)
+        return EXIT_USAGE
     ids = None if args.all else list(args.entry_ids)
     if action == "purge" and not args.yes:
         what = "every dead letter" if ids is None else f"{len(ids)} dead letters"
@@ -597,12 +640,22 @@ def _dead(args: argparse.Namespace, outboxes: list[Outbox]) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted")
             return EXIT_OK
+    missing = [entry_id for entry_id in ids or [] if outbox.dead_letter(entry_id) is None]
     count = outbox.requeue(ids) if action == "requeue" else outbox.purge(ids)
     verb = "requeued" if action == "requeue" else "purged"
     if args.json:
-        print(msgspec.json.encode({"outbox": outbox.name, verb: count}).decode())
+        print(
+            msgspec.json.encode({"outbox": outbox.name, verb: count, "not_found": missing}).decode()
+        )
     else:
         print(f"{verb} {count} dead letters of outbox {outbox.name}")
+    if missing:
+        print(
+            f"error: not dead letters of outbox {outbox.name}: {', '.join(missing)}; "
+            "list them with: python -m outbox dead list",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     return EXIT_OK
 
 

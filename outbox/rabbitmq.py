@@ -101,9 +101,15 @@ class RabbitMqConnector:
         ):
             if not value > 0:
                 raise OutboxConfigError(f"{option} must be greater than 0, got {value}")
+        scheme = url.partition("://")[0] if "://" in url else ""
+        if scheme not in ("amqp", "amqps"):
+            raise OutboxConfigError(
+                f"invalid AMQP URL {_redact(url)!r}: expected amqp://user:password@host:port/vhost "
+                "(or amqps://)"
+            )
         try:
             parameters = pika.URLParameters(url)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, IndexError) as exc:
             raise OutboxConfigError(
                 f"invalid AMQP URL {_redact(url)!r}: {exc}; "
                 "expected amqp://user:password@host:port/vhost"

@@ -1,0 +1,71 @@
+"""Invalid options and environment variables end with exit status 2 and a clear message."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_drain(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "outbox.drain", "--once", *args],
+        capture_output=True, text=True, timeout=30, env=environment,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        ([], {"OUTBOX_ONCE": "maybe"}, "OUTBOX_ONCE must be 1, true, yes or on"),
+        ([], {"OUTBOX_LOG_FORMAT": "xml"}, "invalid choice 'xml'"),
+        ([], {"OUTBOX_BATCH_SIZE": "many"}, "OUTBOX_BATCH_SIZE must be an integer"),
+        (["--redis-url", "notaurl"], {}, "Redis URL must specify"),
+        (["--amqp-url", "notaurl"], {}, "invalid AMQP URL 'notaurl'"),
+        (["--amqp-url", "http://127.0.0.1/"], {}, "invalid AMQP URL"),
+        (["--max-message-bytes", "0"], {}, "--max-message-bytes must be at least 1"),
+        (["--max-outage-s", "-1"], {}, "--max-outage-s must not be negative"),
+        (["--lease-ms", "5"], {}, "lease must be at least 100 ms"),
+    ],
+    ids=["once-word", "log-format", "batch-size-word", "redis-url", "amqp-url", "amqp-scheme",
+         "max-message-bytes", "max-outage", "lease"],
+)
+def test_invalid_drain_option_exits_2_with_message(redis_url, args, env, message):
+    result = run_drain(["--redis-url", redis_url, *args], env)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_redacted_amqp_url_hides_the_password(redis_url):
+    result = run_drain(["--redis-url", redis_url, "--amqp-url", "http://user:secret@127.0.0.1/"])
+    assert "secret" not in result.stderr
+
+
+def test_requeue_of_unknown_id_exits_1_naming_it(redis_url, redis_client):
+    from outbox.store import Outbox
+
+    Outbox(redis_client, "acme.cli.events").push([b"x"])
+    result = subprocess.run(
+        [sys.executable, "-m", "outbox", "dead", "requeue", "424242", "--redis-url", redis_url,
+         "--outbox", "acme.cli.events"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert "not dead letters of outbox acme.cli.events: 424242" in result.stderr
+
+
+def test_dead_purge_rejects_ids_with_all(redis_url, redis_client):
+    from outbox.store import Outbox
+
+    Outbox(redis_client, "acme.cli.events").push([b"x"])
+    result = subprocess.run(
+        [sys.executable, "-m", "outbox", "dead", "purge", "1", "--all", "--yes", "--redis-url",
+         redis_url, "--outbox", "acme.cli.events"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "not both" in result.stderr
