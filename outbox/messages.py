@@ -202,7 +202,7 @@ def encode(message: Message) -> bytes:
     except (TypeError, ValueError, OverflowError, NotImplementedError, msgspec.EncodeError) as exc:
         raise MessageEncodeError(
             f"cannot encode {type(message).__name__} {message.id!r} as JSON: {exc}; "
-            "use str, int (64-bit), float, bool, None, datetime, lists and dicts in attributes"
+            "use str, int (64-bit), float, bool, None, datetime, lists and dicts in attributes and meta"
         ) from exc
 
 

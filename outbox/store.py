@@ -403,7 +403,11 @@ def translate_error(
     operation: str,
 ) -> StoreError:
     """Map a redis-py error to the most specific StoreError, with what to do about it."""
-    where = f"Redis {operation} on outbox {outbox!r} failed"
+    where = (
+        f"Redis {operation} failed"
+        if outbox == "*"
+        else f"Redis {operation} on outbox {outbox!r} failed"
+    )
     if isinstance(exc, redis_errors.RedisClusterException):
         # Raised by a cluster client that reaches no node or finds a slot without a primary.
         return StoreUnavailableError(

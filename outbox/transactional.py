@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
+
+from redis.client import Pipeline
+from redis.cluster import ClusterPipeline
 
 from outbox.buses import _as_list, _expiration_ms, _records
 from outbox.errors import OutboxConfigError
@@ -24,8 +26,7 @@ from outbox.store import DEFAULT_RETRY_FOR_S
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PreparedPush:
+class PreparedPush(NamedTuple):
     """What a caller's own Lua script needs to store messages: ``LPUSH key payload...``.
 
     ``key`` must be passed in the script's KEYS; on Redis Cluster the script's other keys
@@ -129,6 +130,12 @@ class _TransactionalBus:
 
 
 def _check_transaction(transaction: Any) -> None:
+    # A client has a transaction() method too, so the pipeline type is checked first.
+    if not isinstance(transaction, Pipeline | ClusterPipeline):
+        raise OutboxConfigError(
+            f"transaction must be a redis-py pipeline, got {type(transaction).__name__}; pass "
+            "the pipeline from redis.pipeline(transaction=True) that holds your writes"
+        )
     if not getattr(transaction, "transaction", False):
         raise OutboxConfigError(
             "the pipeline is not transactional; create it with redis.pipeline(transaction=True) "

@@ -276,7 +276,7 @@ def test_cluster_option_on_a_standalone_redis_is_rejected(redis_url):
         timeout=30,
     )
 
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "runs without cluster mode" in result.stderr
 
 

@@ -117,3 +117,17 @@ def test_drainer_publishes_committed_events_in_commit_order(redis_client, rabbit
 
     received = rabbit.consume_all(queue, expected=50)
     assert [p.message_id for _, p, _ in received] == [e.id for e in events]
+
+
+def test_client_given_as_transaction_is_rejected(redis_client):
+    bus = OutboxDomainEventBus("acme", "counter", redis_client)
+    with pytest.raises(OutboxConfigError, match="must be a redis-py pipeline"):
+        bus.publish(CounterIncremented(value=1), transaction=redis_client)
+    assert stored_ids(redis_client, bus) == []
+
+
+def test_prepared_push_unpacks_into_key_and_payloads(redis_client):
+    bus = OutboxDomainEventBus("acme", "counter", redis_client)
+    key, payloads = bus.prepare(CounterIncremented(value=1))
+    assert key == bus.outbox.keys.pending
+    assert len(payloads) == 1
