@@ -526,6 +526,7 @@ class Drainer:
             if record.expiration_ms is not None:
                 # The TTL counts from when the producer stored the message, so the
                 # broker gets only what is left of it.
+                # NOTE: stored_at_ms comes from the producer's clock and now_ms from Redis's.
                 left_ms = record.stored_at_ms + record.expiration_ms - now_ms
                 if left_ms <= 0:
                     unpublishable.append(
