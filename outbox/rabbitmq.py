@@ -157,6 +157,8 @@ class ConfirmingPublisher:
         self._connection_error: BaseException | None = None
         self._channel_error: ChannelClosedError | None = None
         self._blocked_reason: str | None = None
+        # Set after a connection blocked mid-batch, until a publish is confirmed again.
+        self._probing = False
         self._declared: set[str] = set()
         self._next_tag = 0
         self._waiting: dict[int, int] = {}
@@ -367,6 +369,17 @@ class ConfirmingPublisher:
         """
         if not records:
             return []
+        if self._probing and len(records) > 1:
+            # The last batch failed on a blocked connection: send one message first, so a
+            # connection blocked again holds one message that may arrive twice, not a batch.
+            first = self.publish(
+                records[:1], keepalive=keepalive, keepalive_interval_s=keepalive_interval_s
+            )
+            if not first[0].confirmed:
+                return first + [first[0]] * (len(records) - 1)
+            return first + self.publish(
+                records[1:], keepalive=keepalive, keepalive_interval_s=keepalive_interval_s
+            )
         self.connect()
         if self._blocked_reason is not None:
             blocked = BrokerUnavailableError(
@@ -404,6 +417,7 @@ class ConfirmingPublisher:
             if finished and not self._lost() and self._blocked_reason is not None:
                 # A blocked connection is not read by RabbitMQ, so no confirm comes before
                 # the alarm clears. The connection is kept and its unblock read later.
+                self._probing = True
                 self._fail_waiting(
                     BrokerUnavailableError(
                         f"RabbitMQ at {self.connector.address} blocked the connection before "
@@ -427,6 +441,8 @@ class ConfirmingPublisher:
             result or PublishResult(PublishStatus.FAILED, self._failure())
             for result in self._results
         ]
+        if any(result.confirmed for result in results):
+            self._probing = False
         self._batch = ()
         self._results = []
         return results

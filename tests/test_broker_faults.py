@@ -793,3 +793,27 @@ def test_threads_sharing_a_bus_through_an_outage_lose_nothing(broker, redis_clie
     # An event is both delivered and stored only when its publish was cut off before its
     # confirm, so the bus could not know it was routed: never more than one batch per thread.
     assert len(set(received) & set(stored)) <= 8
+
+
+def test_retries_during_an_alarm_send_one_message_not_a_batch(broker, redis_client):
+    organization = broker.organization()
+    queue = broker.bind_queue(exchange_name(organization, SERVICE))
+    published = events(40)
+    RedisDomainEventBus(organization, SERVICE, redis_client).publish(published)
+    drainer = drainer_for(broker.node.amqp_url, redis_client, organization, batch_size=40)
+
+    broker.node.raise_memory_alarm()
+    # pika closes a blocked connection after BLOCKED_CONNECTION_TIMEOUT_S, so the
+    # drainer reconnects and retries at least once while the alarm lasts.
+    drained_during_alarm = drainer.drain_once(max_outage_s=BLOCKED_CONNECTION_TIMEOUT_S + 4)
+    broker.node.clear_memory_alarm()
+    drained = drainer.drain_once(max_outage_s=10)
+    drainer.close()
+
+    received = broker.message_ids(queue, expected=40)
+    assert not drained_during_alarm
+    assert drained
+    assert set(received) == {event.id for event in published}
+    # The first batch went into the blocked connection whole; every retry after it sent
+    # one message, so the copies stay below a second batch.
+    assert len(received) - 40 < 40
