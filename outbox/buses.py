@@ -49,7 +49,7 @@ _MAX_EXPIRATION_MS = 2**32 - 1
 
 
 class Fallback(Protocol):
-    """Where a RabbitMQ bus stores the messages RabbitMQ did not confirm."""
+    """The store of a RabbitMQ bus for the messages RabbitMQ did not confirm."""
 
     kind: ClassVar[MessageKind]
     outbox: Outbox

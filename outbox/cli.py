@@ -501,7 +501,10 @@ def main_parser() -> argparse.ArgumentParser:
     dead_list = dead_commands.add_parser("list", help="list dead letters, oldest first")
     _add_redis_options(dead_list)
     dead_list.add_argument(
-        "--limit", type=int, default=100, help="most entries per outbox (default %(default)s)"
+        "--limit",
+        type=int,
+        default=100,
+        help="maximum entries listed per outbox (default %(default)s)",
     )
     dead_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

@@ -63,13 +63,13 @@ _READ_REGISTRY_EVERY_S = 1.0
 _SCAN_KEYSPACE_EVERY_S = 60.0
 # An outbox whose keys Redis rejects is reported at most this often.
 _BROKEN_REPORT_EVERY_S = 60.0
-# Longest block in Redis while waiting for entries; a stop request waits at most this long.
+# Maximum time blocked in Redis while waiting for entries; a stop request waits at most this.
 _BLOCK_S = 1.0
 
 
 @dataclass
 class DrainCounts:
-    """What one drainer did since it started."""
+    """Counts of the work one drainer did since it started."""
 
     published: int = 0
     failed: int = 0
@@ -85,7 +85,7 @@ class DrainCounts:
 
 @dataclass
 class DrainSettings:
-    """How a drainer claims and retries; see ``python -m outbox.drain --help``."""
+    """Settings of a drainer's claims and retries; see ``python -m outbox.drain --help``."""
 
     batch_size: int = DEFAULT_BATCH_SIZE
     lease_ms: int = DEFAULT_LEASE_MS
@@ -342,7 +342,7 @@ class Drainer:
         max_outage_s: float = 10.0,
         on_progress: Callable[[DrainCounts], None] | None = None,
     ) -> bool:
-        """Drain until no outbox holds unfinished entries.
+        """Drain until no outbox contains unfinished entries.
 
         Entries leased by other drainers are waited for: taken back when their lease
         expires, or left to their drainer when it acks them. Returns False when RabbitMQ
@@ -412,7 +412,7 @@ class Drainer:
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
                 continue
             if redis_error is not None:
-                logger.info("Redis answers again; draining resumed")
+                logger.info("Redis responds again; draining resumed")
                 redis_error = None
             if self._broker_down is not None:
                 if not self._recovering:

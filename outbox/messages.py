@@ -70,7 +70,7 @@ class Message(msgspec.Struct, kw_only=True):
             Message._registry[(cls.message_kind, cls.message_name)] = cls
 
     def with_meta(self: M, **meta: Any) -> M:
-        """Return a copy whose ``meta`` also holds ``meta``; the id stays the same."""
+        """Return a copy whose ``meta`` also contains ``meta``; the id stays the same."""
         return msgspec.structs.replace(self, meta={**self.meta, **meta})
 
     def attributes(self) -> dict[str, Any]:

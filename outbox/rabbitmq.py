@@ -50,7 +50,7 @@ _MAX_SIZE_EXCEEDED = re.compile(r"message size \d+ is larger than (?:configured 
 
 
 class PublishStatus(enum.Enum):
-    """What became of one published message."""
+    """The outcome of one published message."""
 
     CONFIRMED = "confirmed"
     RETURNED = "returned"

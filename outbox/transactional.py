@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 class PreparedPush(NamedTuple):
-    """What a caller's own Lua script needs to store messages: ``LPUSH key payload...``.
+    """The key and payloads a caller's own Lua script stores with ``LPUSH key payload...``.
 
     ``key`` must be passed in the script's KEYS; on Redis Cluster the script's other keys
     must share its hash tag, ``{outbox name}``.
