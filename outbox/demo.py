@@ -24,7 +24,7 @@ import redis
 
 from outbox import RabbitMqConnector, RabbitMqDomainEventBus, RedisDomainEventBus
 from outbox.messages import DomainEvent
-from outbox.naming import OutboxKeys
+from outbox.naming import REGISTRY_KEY, OutboxKeys
 
 
 class UserCreated(DomainEvent):
@@ -186,6 +186,8 @@ def main() -> int:
                 )
             )
         )
+        # The bus registered the outbox for drainers; the set goes away once empty.
+        redis_client.srem(REGISTRY_KEY, outbox_keys.name)
 
 
 if __name__ == "__main__":
