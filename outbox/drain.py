@@ -198,6 +198,15 @@ class Drainer:
         if claim.leases and waited_ms > settings.lease_ms / 3:
             kept = outbox.extend(claim.leases, lease_ms=settings.lease_ms)
             leases = [lease for lease, renewed in zip(claim.leases, kept, strict=True) if renewed]
+            expired = len(claim.leases) - len(leases)
+            if expired:
+                self._count_lost(outbox, expired)
+                logger.warning(
+                    "%d leases of outbox %s claimed ahead expired before their turn; the next "
+                    "claim takes them back",
+                    expired,
+                    outbox.name,
+                )
             claim = claim._replace(leases=leases)
         return claim
 
@@ -399,6 +408,7 @@ class Drainer:
         redis_error: StoreError | None = None
         while not self.stopping.is_set():
             try:
+                published_before = self.counts.published
                 handled = self.run_round()
             except StoreError as exc:
                 if redis_error is None:
@@ -425,7 +435,7 @@ class Drainer:
                 self.stopping.wait(backoff * (0.5 + random.random() / 2))
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
                 continue
-            if self._recovering and handled:
+            if self._recovering and self.counts.published > published_before:
                 logger.info("RabbitMQ confirms publishes again; draining resumed")
                 self._recovering = False
             backoff = _BACKOFF_MIN_S
@@ -506,8 +516,11 @@ class Drainer:
         if not claim.leases:
             return claim.dead_lettered
         # A full batch suggests more entries wait; claim them while this batch publishes.
+        # Only a drainer with one outbox does: with several, a batch claimed ahead would
+        # wait a whole round for its turn and its leases could expire unpublished.
         full = len(claim.leases) >= self.settings.batch_size
-        self._process(outbox, claim.leases, claim.server_time_ms, claim_ahead=full)
+        single = len(self._outboxes) == 1
+        self._process(outbox, claim.leases, claim.server_time_ms, claim_ahead=full and single)
         return len(claim.leases) + claim.dead_lettered
 
     def _process(
@@ -579,6 +592,12 @@ class Drainer:
         def renew_leases() -> None:
             kept = outbox.extend(leases, lease_ms=settings.lease_ms)
             logger.debug("Renewed %d of %d leases of outbox %s", sum(kept), len(kept), outbox.name)
+            # The batch claimed ahead waits for this one, so its leases are renewed too.
+            ahead = self._prefetched.get(outbox.name)
+            if ahead is not None and ahead[1].done() and ahead[1].exception() is None:
+                ahead_leases = ahead[1].result().leases
+                if ahead_leases:
+                    outbox.extend(ahead_leases, lease_ms=settings.lease_ms)
 
         started = time.monotonic()
         if claim_ahead:

@@ -375,11 +375,21 @@ class ConfirmingPublisher:
             first = self.publish(
                 records[:1], keepalive=keepalive, keepalive_interval_s=keepalive_interval_s
             )
-            if not first[0].confirmed:
-                return first + [first[0]] * (len(records) - 1)
-            return first + self.publish(
-                records[1:], keepalive=keepalive, keepalive_interval_s=keepalive_interval_s
+            answered = first[0].status in (PublishStatus.RETURNED, PublishStatus.REJECTED)
+            if first[0].confirmed or answered:
+                # The broker answered for the probe itself, so it reads the connection again.
+                self._probing = False
+                return first + self.publish(
+                    records[1:], keepalive=keepalive, keepalive_interval_s=keepalive_interval_s
+                )
+            held_back = PublishResult(
+                PublishStatus.FAILED,
+                BrokerUnavailableError(
+                    f"not sent: RabbitMQ at {self.connector.address} did not confirm the message "
+                    f"sent first after a blocked connection ({first[0].error})"
+                ),
             )
+            return first + [held_back] * (len(records) - 1)
         self.connect()
         if self._blocked_reason is not None:
             blocked = BrokerUnavailableError(

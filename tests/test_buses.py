@@ -250,3 +250,26 @@ def test_threads_sharing_a_bus_deliver_every_event_once(redis_client, rabbit, am
     received = [p.message_id for _, p, _ in rabbit.consume_all(queue, expected=800)]
     stored = [r.message_id for r in stored_records(redis_client, f"{organization}.shop.events")]
     assert sorted(received + stored) == sorted(ids)
+
+
+def test_probe_answered_by_a_return_sends_the_rest_of_the_batch(rabbit, amqp_url):
+    from outbox.rabbitmq import PublishStatus
+    from outbox.records import OutboxRecord
+
+    organization = rabbit.organization()
+    exchange = f"{organization}.shop"
+    queue = rabbit.bind_queue(exchange, binding_key="routed.#")
+    records = [OutboxRecord(exchange=exchange, routing_key="nowhere", body=b"{}", message_id="lost")]
+    records += [
+        OutboxRecord(exchange=exchange, routing_key="routed.1", body=b"{}", message_id=f"m{n}")
+        for n in range(3)
+    ]
+    publisher = RabbitMqConnector(amqp_url).publisher()
+    # As after a batch that failed on a blocked connection.
+    publisher._probing = True
+
+    results = publisher.publish(records)
+    publisher.close()
+
+    assert [r.status for r in results] == [PublishStatus.RETURNED] + [PublishStatus.CONFIRMED] * 3
+    assert [p.message_id for _, p, _ in rabbit.consume_all(queue, expected=3)] == ["m0", "m1", "m2"]

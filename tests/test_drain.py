@@ -229,3 +229,41 @@ def test_outbox_with_broken_keys_does_not_stop_the_others(redis_client, rabbit, 
     assert [p.message_id for _, p, _ in received] == [e.id for e in events]
     assert "Skipping outbox broken.billing.events" in caplog.text
     assert redis_client.get(broken.keys.pending) == b"not a list"
+
+
+def test_drainer_with_several_outboxes_claims_nothing_ahead(redis_client, rabbit, amqp_url):
+    first, second = rabbit.organization(), rabbit.organization()
+    for organization in (first, second):
+        rabbit.bind_queue(f"{organization}.billing")
+        fill_outbox(redis_client, organization, 30)
+    names = [f"{first}.billing.events", f"{second}.billing.events"]
+    drainer = Drainer(
+        redis_client, RabbitMqConnector(amqp_url), DrainSettings(batch_size=10, outboxes=names)
+    )
+
+    drainer.run_round()
+    drainer.settle_acks()
+    stats = [Outbox(redis_client, name).stats() for name in names]
+    drainer.close()
+
+    assert [s.leased for s in stats] == [0, 0]
+    assert [s.pending for s in stats] == [20, 20]
+
+
+def test_drainer_with_one_outbox_claims_the_next_batch_ahead(redis_client, rabbit, amqp_url):
+    organization = rabbit.organization()
+    rabbit.bind_queue(f"{organization}.billing")
+    fill_outbox(redis_client, organization, 30)
+    name = f"{organization}.billing.events"
+    drainer = Drainer(
+        redis_client, RabbitMqConnector(amqp_url), DrainSettings(batch_size=10, outboxes=[name])
+    )
+
+    drainer.run_round()
+    drainer.settle_acks()
+    stats = Outbox(redis_client, name).stats()
+    drainer.close()
+
+    assert stats.leased == 10
+    assert stats.pending == 10
+    assert Outbox(redis_client, name).stats().waiting == 10
