@@ -111,6 +111,22 @@ def _records(
     return [msgspec.structs.replace(r, expiration_ms=expiration_ms) for r in records]
 
 
+def service_outbox(
+    redis: Any,
+    organization: str,
+    service: str,
+    kind: MessageKind,
+    **options: Any,
+) -> PartitionedOutbox:
+    """Return the outbox of one service's events or commands, after checking both names.
+
+    ``options`` are PartitionedOutbox's keyword options (partitions, partition_key, ...).
+    """
+    check_name_part("organization", organization)
+    check_name_part("service", service)
+    return PartitionedOutbox(redis, outbox_name(organization, service, kind), **options)
+
+
 class MetaView(Generic[M]):
     """A bus that adds the same meta to every message it publishes or dispatches."""
 
@@ -162,13 +178,13 @@ class _RedisBus(Generic[M]):
         wait_replicas: int = 0,
         wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
     ) -> None:
-        check_name_part("organization", organization)
-        check_name_part("service", service)
         self.organization = organization
         self.service = service
-        self.partitioned = PartitionedOutbox(
+        self.partitioned = service_outbox(
             redis,
-            outbox_name(organization, service, self.kind),
+            organization,
+            service,
+            self.kind,
             partitions=partitions,
             partition_key=partition_key,
             retry_for_s=retry_for_s,

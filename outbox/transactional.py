@@ -15,11 +15,11 @@ from typing import Any, ClassVar, NamedTuple
 from redis.client import Pipeline
 from redis.cluster import ClusterPipeline
 
-from outbox.buses import _as_list, _expiration_ms, _records
+from outbox.buses import _as_list, _expiration_ms, _records, service_outbox
 from outbox.errors import OutboxConfigError
 from outbox.messages import Command, DomainEvent, Message
-from outbox.naming import MessageKind, check_name_part, outbox_name
-from outbox.partitions import PartitionedOutbox, PartitionKey
+from outbox.naming import MessageKind
+from outbox.partitions import PartitionKey
 from outbox.records import encode_record
 from outbox.store import DEFAULT_RETRY_FOR_S
 
@@ -58,13 +58,13 @@ class _TransactionalBus:
         partitions: int = 1,
         partition_key: PartitionKey | None = None,
     ) -> None:
-        check_name_part("organization", organization)
-        check_name_part("service", service)
         self.organization = organization
         self.service = service
-        self.partitioned = PartitionedOutbox(
+        self.partitioned = service_outbox(
             redis,
-            outbox_name(organization, service, self.kind),
+            organization,
+            service,
+            self.kind,
             partitions=partitions,
             partition_key=partition_key,
             retry_for_s=retry_for_s,
