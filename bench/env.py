@@ -123,13 +123,13 @@ class RabbitScope:
                 connection.close()
 
     def check(self) -> None:
-        """Raise with a clear message when RabbitMQ does not answer."""
+        """Raise with a clear message when RabbitMQ does not respond."""
         try:
             with self.channel():
                 pass
         except pika.exceptions.AMQPError as exc:
             raise RuntimeError(
-                f"RabbitMQ at {self.url} does not answer ({type(exc).__name__}: {exc}); "
+                f"RabbitMQ at {self.url} does not respond ({type(exc).__name__}: {exc}); "
                 "start it (rabbitmq-server -detached) or pass --amqp-url"
             ) from exc
 

@@ -100,7 +100,7 @@ def _add_redis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--redis-url",
         default=_env("OUTBOX_REDIS_URL", DEFAULT_REDIS_URL),
-        help="Redis that holds the outboxes (env OUTBOX_REDIS_URL; default %(default)s)",
+        help="Redis that contains the outboxes (env OUTBOX_REDIS_URL; default %(default)s)",
     )
     parser.add_argument(
         "--redis-cluster",

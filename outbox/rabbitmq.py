@@ -377,7 +377,7 @@ class ConfirmingPublisher:
             )
             answered = first[0].status in (PublishStatus.RETURNED, PublishStatus.REJECTED)
             if first[0].confirmed or answered:
-                # The broker answered for the probe itself, so it reads the connection again.
+                # The broker returned or rejected the probe, so it reads the connection again.
                 self._probing = False
                 return first + self.publish(
                     records[1:], keepalive=keepalive, keepalive_interval_s=keepalive_interval_s

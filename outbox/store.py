@@ -143,7 +143,7 @@ class Outbox:
     def push(self, payloads: Sequence[bytes]) -> int:
         """Store entries at the head of the pending list, atomically; return the list's length.
 
-        NOTE: when a push times out after Redis stored it, the retry stores it again; the
+        NOTE: when a push times out after Redis stored it, the retry stores it again. The
         drainer then publishes both copies, which carry the same message id.
         """
         if not payloads:

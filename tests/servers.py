@@ -83,8 +83,8 @@ class RedisServer:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def docker_engine_answers() -> bool:
-    """Return True when a Docker engine answers, so testcontainers can start Redis."""
+def docker_engine_responds() -> bool:
+    """Return True when a Docker engine responds, so testcontainers can start Redis."""
     try:
         import docker  # type: ignore[import-untyped]
 
@@ -97,9 +97,9 @@ def docker_engine_answers() -> bool:
 
 @contextlib.contextmanager
 def session_redis_url() -> Iterator[str]:
-    """Yield the URL of a private Redis: a testcontainers container when Docker answers,
+    """Yield the URL of a private Redis: a testcontainers container when Docker responds,
     else a redis-server process on a free port."""
-    if docker_engine_answers():
+    if docker_engine_responds():
         from testcontainers.redis import RedisContainer
 
         with RedisContainer("redis:7") as container:
