@@ -46,7 +46,26 @@ def routing_key(
     organization: str, service: str, *, version: int, kind: MessageKind, name: str
 ) -> str:
     """Return ``{organization}.{service}.{version}.{event|command}.{snake_case_name}``."""
-    return f"{exchange_name(organization, service)}.{version}.{kind}.{name.replace('.', '_')}"
+    return route(organization, service, version, kind, name)[1]
+
+
+def route(
+    organization: str, service: str, version: int, kind: MessageKind, name: str
+) -> tuple[str, str]:
+    """Return the exchange and routing key of a message."""
+    if not (isinstance(organization, str) and isinstance(service, str)):
+        check_name_part("organization", organization)
+        check_name_part("service", service)
+    return _route(organization, service, version, kind, name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _route(
+    organization: str, service: str, version: int, kind: MessageKind, name: str
+) -> tuple[str, str]:
+    # Buses route every message; the names are checked and joined once per message type.
+    exchange = _checked_exchange_name(organization, service)
+    return exchange, f"{exchange}.{version}.{kind}.{name.replace('.', '_')}"
 
 
 def outbox_name(organization: str, service: str, kind: MessageKind) -> str:

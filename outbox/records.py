@@ -57,20 +57,17 @@ def record_for(message: messages.Message, *, organization: str, service: str) ->
 
     ``stored_at_ms`` is stamped now, so a per-message TTL counts from the publish call.
     """
+    exchange, routing_key = naming.route(
+        organization, service, message.version, message.message_kind, message.message_name
+    )
     return OutboxRecord(
-        exchange=naming.exchange_name(organization, service),
-        routing_key=naming.routing_key(
-            organization,
-            service,
-            version=message.version,
-            kind=message.message_kind,
-            name=message.message_name,
-        ),
+        exchange=exchange,
+        routing_key=routing_key,
         body=messages.encode(message),
         message_id=message.id,
         type=message.message_name,
         timestamp_s=int(message.occurred_on.timestamp()),
-        stored_at_ms=int(time.time() * 1000),
+        stored_at_ms=time.time_ns() // 1_000_000,
     )
 
 

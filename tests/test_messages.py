@@ -2,13 +2,15 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from outbox import Command, DomainEvent, MessageEncodeError, RecordDecodeError, decode, encode
-from outbox.messages import UnknownMessage
+from outbox.messages import TIME_FORMAT, UnknownMessage, _wire_value, format_time
 from outbox.naming import exchange_name, message_name, outbox_name, routing_key
 from outbox.records import OutboxRecord, decode_record, encode_record, record_for
 
@@ -206,3 +208,39 @@ def test_attributes_named_name_and_kind_stay_attributes():
 def test_attribute_with_reserved_name_is_rejected_at_class_definition(reserved):
     with pytest.raises(ValueError, match=f"attribute '{reserved}'"):
         type("Clashing", (DomainEvent,), {"__annotations__": {reserved: "str"}})
+
+
+@settings(max_examples=300)
+@given(st.datetimes(min_value=datetime(1001, 1, 1), timezones=st.none() | st.timezones()))
+def test_time_matches_strftime(moment: datetime) -> None:
+    in_utc = moment if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+    assert format_time(moment) == in_utc.strftime(TIME_FORMAT)
+
+
+class Anything(DomainEvent):
+    value: Any
+    label: str = ""
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.text()
+    | st.datetimes(min_value=datetime(1001, 1, 1), timezones=st.none() | st.just(timezone.utc)),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300)
+@given(_json_values, st.text())
+def test_attributes_match_general_conversion(value: Any, label: str) -> None:
+    # Plain values skip the conversion that datetimes, lists and dicts go through.
+    event = Anything(value=value, label=label)
+    general = msgspec.json.encode(_wire_value(event.attributes(), "$.data.attributes"))
+
+    assert json.loads(encode(event))["data"]["attributes"] == json.loads(general)
