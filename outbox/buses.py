@@ -217,8 +217,9 @@ class _RedisBus(Generic[M]):
         when the bus has a ``partition_key``.
         """
         self.partitioned.store(records, messages)
-        for record in records:
-            logger.debug("Stored message %s in outbox %s", record.message_id, self.outbox.name)
+        if logger.isEnabledFor(logging.DEBUG):
+            for record in records:
+                logger.debug("Stored message %s in outbox %s", record.message_id, self.outbox.name)
 
 
 class RedisDomainEventBus(_RedisBus[DomainEvent]):
@@ -332,28 +333,40 @@ class _RabbitMqBus(Generic[M]):
                 )
 
         with self._lock:
-            results = self._publish(records)
-        failed = [
-            (record, result, index)
-            for index, (record, result) in enumerate(zip(records, results, strict=True))
-            if not result.confirmed
-        ]
-        if not failed:
-            return
+            outage = self._outage
+            if outage is not None and time.monotonic() < self._skip_broker_until:
+                # The circuit breaker is open: nothing is sent, everything is stored.
+                results = None
+            else:
+                results = self._publish(records)
+        if results is None:
+            failed, failed_messages = records, messages
+        else:
+            indexes = [index for index, result in enumerate(results) if not result.confirmed]
+            if not indexes:
+                return
+            outage = results[indexes[0]].error
+            failed = [records[index] for index in indexes]
+            failed_messages = None if messages is None else [messages[index] for index in indexes]
+        assert outage is not None
+        self._store(failed, failed_messages, outage, len(records))
 
-        first_error = failed[0][1].error
-        assert first_error is not None
+    def _store(
+        self,
+        records: list[OutboxRecord],
+        messages: Sequence[Message] | None,
+        publish_error: BrokerError,
+        sent: int,
+    ) -> None:
+        """Store the records RabbitMQ did not confirm in the fallback, or raise."""
         if self.fallback is None:
-            ids = ", ".join(record.message_id for record, _, _ in failed[:5])
-            raise type(first_error)(
-                f"RabbitMQ did not confirm {len(failed)} of {len(records)} messages ({ids}) "
-                f"and the bus has no fallback: {first_error}"
-            ) from first_error
+            ids = ", ".join(record.message_id for record in records[:5])
+            raise type(publish_error)(
+                f"RabbitMQ did not confirm {len(records)} of {sent} messages ({ids}) "
+                f"and the bus has no fallback: {publish_error}"
+            ) from publish_error
         try:
-            self.fallback.store(
-                [record for record, _, _ in failed],
-                None if messages is None else [messages[index] for _, _, index in failed],
-            )
+            self.fallback.store(records, messages)
         except OutboxError as store_error:
             if isinstance(store_error, PartialStoreError):
                 stored = (
@@ -364,25 +377,26 @@ class _RabbitMqBus(Generic[M]):
             else:
                 stored = "nothing was stored"
             raise PublishAndStoreError(
-                f"RabbitMQ did not confirm {len(failed)} messages ({first_error}) and storing "
+                f"RabbitMQ did not confirm {len(records)} messages ({publish_error}) and storing "
                 f"them in outbox {self.fallback.outbox.name!r} failed too ({store_error}); "
                 f"{stored}, so publish them again once either service is back",
-                publish_error=first_error,
+                publish_error=publish_error,
                 store_error=store_error,
             ) from store_error
-        log = logger.debug if self._outage is not None else logger.warning
-        log(
-            "Stored %d of %d messages in outbox %s because RabbitMQ did not confirm them: %s",
-            len(failed),
-            len(records),
-            self.fallback.outbox.name,
-            first_error,
-        )
+        # During an outage every publish is stored; the breaker logged it once already.
+        level = logging.DEBUG if self._outage is not None else logging.WARNING
+        if logger.isEnabledFor(level):
+            logger.log(
+                level,
+                "Stored %d of %d messages in outbox %s because RabbitMQ did not confirm them: %s",
+                len(records),
+                sent,
+                self.fallback.outbox.name,
+                publish_error,
+            )
 
     def _publish(self, records: list[OutboxRecord]) -> list[PublishResult]:
-        now = time.monotonic()
-        if self._outage is not None and now < self._skip_broker_until:
-            return [PublishResult(PublishStatus.FAILED, self._outage) for _ in records]
+        """Publish to RabbitMQ, opening the circuit breaker when RabbitMQ is unavailable."""
         try:
             results = self._publisher.publish(records)
         except BrokerUnavailableError as exc:

@@ -143,6 +143,11 @@ class PartitionedOutbox:
         the failed one are not tried, so a Redis outage costs one ``retry_for_s``, not one
         per partition.
         """
+        if len(self.outboxes) == 1:
+            outbox = self.outboxes[0]
+            self._push(outbox, records)
+            self.register(outbox.name)
+            return
         groups = self.group(records, messages)
         stored: list[str] = []
         for position, (outbox, group) in enumerate(groups):
@@ -162,7 +167,7 @@ class PartitionedOutbox:
             stored.extend(record.message_id for record in group)
             self.register(outbox.name)
 
-    def _push(self, outbox: Outbox, records: list[OutboxRecord]) -> None:
+    def _push(self, outbox: Outbox, records: Sequence[OutboxRecord]) -> None:
         payloads = [encode_record(record) for record in records]
         if self.wait_replicas == 0:
             outbox.push(payloads)
