@@ -18,7 +18,7 @@ import redis.exceptions as redis_errors
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from outbox import _scripts
+from outbox import _push, _scripts
 from outbox.cluster import primary_client, refresh_slots
 from outbox.errors import (
     OutboxConfigError,
@@ -103,6 +103,10 @@ class Outbox:
     loading, busy with a script or read-only are retried for up to ``retry_for_s``
     seconds and then raise a :class:`StoreError` naming the outbox.
 
+    Single pushes to a ``redis.Redis`` go on a connection that outboxes sharing a
+    connection pool keep outside it (see :mod:`outbox._push`), without the pool's checks
+    before each command.
+
     NOTE: a client that retries by itself stretches that bound by its own retries.
     ``redis.Redis(host=..., port=...)`` retries 10 times with backoff of up to 1 s by
     default (redis-py 8.2), so one attempt can take seconds. :func:`connect` creates a
@@ -134,6 +138,7 @@ class Outbox:
         self._scripts = {
             script: _scripts.register(client, script) for script in _scripts.SCRIPT_NAMES
         }
+        self._pusher = _push.push_connection(client)
 
     def __repr__(self) -> str:
         return f"Outbox({self.name!r})"
@@ -149,7 +154,7 @@ class Outbox:
         if not payloads:
             return self._run("push", lambda: int(self.client.llen(self.keys.pending)))
         if len(payloads) <= PUSH_CHUNK:
-            return self._run("push", lambda: int(self.client.lpush(self.keys.pending, *payloads)))
+            return self._run("push", lambda: self._lpush(payloads))
 
         def push_in_one_transaction() -> int:
             pipe = self.client.pipeline(transaction=True)
@@ -158,6 +163,13 @@ class Outbox:
             return int(pipe.execute()[-1])
 
         return self._run("push", push_in_one_transaction)
+
+    def _lpush(self, payloads: Sequence[bytes]) -> int:
+        if self._pusher is not None:
+            length = self._pusher.lpush(self.keys.pending, payloads)
+            if length is not None:
+                return length
+        return int(self.client.lpush(self.keys.pending, *payloads))
 
     def push_and_wait(self, payloads: Sequence[bytes], *, replicas: int, timeout_ms: int) -> int:
         """Store entries as :meth:`push` does, then wait until ``replicas`` replicas have them.

@@ -580,9 +580,10 @@ RETRY_LAYERS = {
 def proxied_outbox(proxy: ReplyHoldingProxy, retry_layer: str) -> Outbox:
     client = connect(proxy.url, socket_timeout=0.3, **RETRY_LAYERS[retry_layer])
     outbox = Outbox(client, OUTBOX, retry_for_s=5)
-    # Opens the connection and loads every script, so the held reply is the one under test.
+    # Opens the connections and loads every script, so the held reply is the one under test.
     for name in SCRIPT_NAMES:
         client.script_load(script_source(name))
+    Outbox(client, f"{OUTBOX}.warm-up").push([b"opens the push connection"])
     return outbox
 
 
