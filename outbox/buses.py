@@ -402,14 +402,11 @@ class _RabbitMqBus(Generic[M]):
         except BrokerUnavailableError as exc:
             self._open_breaker(exc)
             return [PublishResult(PublishStatus.FAILED, exc) for _ in records]
-        outage = next(
-            (
-                result.error
-                for result in results
-                if isinstance(result.error, BrokerUnavailableError)
-            ),
-            None,
-        )
+        outage = None
+        for result in results:
+            if result.error is not None and isinstance(result.error, BrokerUnavailableError):
+                outage = result.error
+                break
         if outage is not None:
             self._open_breaker(outage)
         elif self._outage is not None:

@@ -42,6 +42,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 _PRECONDITION_FAILED = 406
 _NOT_FOUND = 404
 _CLOSE_WAIT_S = 1.0
+# Before a publish, a connection the ioloop has not read for this long is read first, so
+# a close or block the broker sent meanwhile is seen. A connection read since is used as is.
+_IDLE_CHECK_S = 0.05
 # How RabbitMQ 3.10 words the 406 channel close for a body above max_message_size, for
 # example "message size 4314 is larger than configured max size 4096".
 # NOTE: a close worded otherwise counts as a broker failure, so the drainer retries that
@@ -164,7 +167,8 @@ class ConfirmingPublisher:
         self._waiting: dict[int, int] = {}
         self._results: list[PublishResult | None] = []
         self._batch: Sequence[OutboxRecord] = ()
-        self._callback_done = False
+        # The time the ioloop last read the connection. connect() reads an idle one first.
+        self._polled_at = 0.0
 
     # Connection management
 
@@ -182,7 +186,7 @@ class ConfirmingPublisher:
 
         Raises BrokerUnavailableError when RabbitMQ cannot be reached in time.
         """
-        if self._connection is not None:
+        if self._connection is not None and time.monotonic() - self._polled_at > _IDLE_CHECK_S:
             self._pump(0.0)
         if self.is_open:
             return
@@ -396,8 +400,9 @@ class ConfirmingPublisher:
                 f"RabbitMQ at {self.connector.address} blocks publishing: {self._blocked_reason}"
             )
             return [PublishResult(PublishStatus.FAILED, blocked) for _ in records]
-        for exchange in {record.exchange for record in records}:
-            self.declare_exchange(exchange)
+        for record in records:
+            if record.exchange not in self._declared:
+                self.declare_exchange(record.exchange)
 
         self._batch = records
         self._results = [None] * len(records)
@@ -451,7 +456,7 @@ class ConfirmingPublisher:
             result or PublishResult(PublishStatus.FAILED, self._failure())
             for result in self._results
         ]
-        if any(result.confirmed for result in results):
+        if self._probing and any(result.confirmed for result in results):
             self._probing = False
         self._batch = ()
         self._results = []
@@ -578,7 +583,10 @@ class ConfirmingPublisher:
     ) -> bool:
         if self._connection is None:
             return done()
-        return self._run_loop_until(self._connection.ioloop, done, timeout_s, every)
+        try:
+            return self._run_loop_until(self._connection.ioloop, done, timeout_s, every)
+        finally:
+            self._polled_at = time.monotonic()
 
     @staticmethod
     def _run_loop_until(
@@ -595,35 +603,40 @@ class ConfirmingPublisher:
         deadline = start + timeout_s
         next_call = start + every[1] if every is not None else float("inf")
         polled = False
-        while not done():
-            now = time.monotonic()
-            if every is not None and now >= next_call:
-                every[0]()
-                next_call = now + every[1]
-            # Poll at least once, even with a timeout of 0, because _pump(0.0) must read what
-            # the broker already sent, such as the close of an idle connection. Otherwise the
-            # publisher keeps using a connection that is gone.
-            if now >= deadline and polled:
-                return False
-            remaining = max(0.0, min(deadline, next_call) - now)
-            # A timer at the deadline bounds the poller's wait.
-            timer = ioloop.call_later(remaining, _do_nothing)
-            try:
+        # A timer at the deadline, or at the next call of ``every``, bounds the poller's
+        # wait. It is set again only after it fired or a call of ``every`` moved it.
+        timer: Any = None
+        fired: list[bool] = []
+        try:
+            while not done():
+                now = time.monotonic()
+                if every is not None and now >= next_call:
+                    every[0]()
+                    next_call = now + every[1]
+                    if timer is not None and not fired:
+                        ioloop.remove_timeout(timer)
+                    timer = None
+                # Poll at least once, even with a timeout of 0, because _pump(0.0) must read
+                # what the broker already sent, such as the close of an idle connection.
+                # Otherwise the publisher keeps using a connection that is gone.
+                if now >= deadline and polled:
+                    return False
+                if timer is None or fired:
+                    fired.clear()
+                    remaining = max(0.0, min(deadline, next_call) - now)
+                    timer = ioloop.call_later(remaining, lambda: fired.append(True))
                 ioloop.poll()
                 ioloop.process_timeouts()
-            finally:
+                polled = True
+            return True
+        finally:
+            if timer is not None and not fired:
                 ioloop.remove_timeout(timer)
-            polled = True
-        return True
 
 
 def _close_ioloop(ioloop: Any) -> None:
     ioloop.deactivate_poller()
     ioloop.close()
-
-
-def _do_nothing() -> None:
-    return None
 
 
 def properties_for(record: OutboxRecord) -> pika.BasicProperties:
