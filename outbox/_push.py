@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import redis
 import redis.exceptions as redis_errors
+
+# A connection unused for longer is checked as redis-py's pool checks its connections
+# before a push. A busy connection is used as it is.
+IDLE_CHECK_S = 0.05
 
 
 class PushConnection:
@@ -32,6 +37,8 @@ class PushConnection:
         self._connection_kwargs = dict(connection_kwargs)
         self._lock = threading.Lock()
         self._connection: Any = None
+        self._connected = False
+        self._used_at = 0.0
 
     def lpush(self, key: str, payloads: Sequence[bytes]) -> int | None:
         """LPUSH and return the new length, or return None when another thread is pushing."""
@@ -42,16 +49,22 @@ class PushConnection:
             if connection is None:
                 connection = self._connection = self._connection_class(**self._connection_kwargs)
             try:
+                if not self._connected:
+                    connection.connect()
+                    self._connected = True
+                elif time.monotonic() - self._used_at > IDLE_CHECK_S:
+                    _reconnect_if_stale(connection)
                 connection.send_command("LPUSH", key, *payloads)
-                return int(connection.read_response())
-            except redis_errors.ResponseError:
-                # Redis replied with an error, and the reply was read whole.
-                raise
+                length = int(connection.read_response())
             except BaseException:
-                # An interruption between the send and the reply (KeyboardInterrupt, say)
-                # leaves the reply unread, so the next push connects again.
+                # After an interruption between the send and the reply (KeyboardInterrupt,
+                # say) the reply is still unread. After an error reply such as READONLY the
+                # server may have changed roles. Either way the next push connects again.
+                self._connected = False
                 connection.disconnect()
                 raise
+            self._used_at = time.monotonic()
+            return length
         finally:
             self._lock.release()
 
@@ -59,8 +72,22 @@ class PushConnection:
         """Drop the connection and lock without touching the socket (in a forked child)."""
         self._lock = threading.Lock()
         self._connection = None
+        self._connected = False
 
 
+def _reconnect_if_stale(connection: Any) -> None:
+    # The checks redis-py's pool makes before each command: data waiting on an idle
+    # connection, or a socket the server closed (idle timeout, restart, CLIENT KILL).
+    try:
+        stale = connection.can_read()
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
+        stale = True
+    if stale:
+        connection.disconnect()
+        connection.connect()
+
+
+_PLAIN_POOLS = (redis.ConnectionPool, redis.BlockingConnectionPool)
 _by_pool: weakref.WeakKeyDictionary[Any, PushConnection] = weakref.WeakKeyDictionary()
 _by_pool_lock = threading.Lock()
 
@@ -69,20 +96,21 @@ def push_connection(client: Any) -> PushConnection | None:
     """Return the push connection of a ``redis.Redis`` client's pool, or None.
 
     None for clients that keep one connection for all commands
-    (``single_connection_client``), for cluster clients and for anything else that is
-    not a ``redis.Redis``: they push through the client.
+    (``single_connection_client``), for pools other than ``ConnectionPool`` and
+    ``BlockingConnectionPool`` (Sentinel's, say), for cluster clients and for anything
+    else that is not a ``redis.Redis``: they push through the client.
     """
     if not isinstance(client, redis.Redis) or client.connection is not None:
         return None
     pool = client.connection_pool
-    connection_class = getattr(pool, "connection_class", None)
-    connection_kwargs = getattr(pool, "connection_kwargs", None)
-    if connection_class is None or not isinstance(connection_kwargs, dict):
+    if type(pool) not in _PLAIN_POOLS:
+        # Other pools, such as Sentinel's, choose the server when they hand out a connection.
         return None
     with _by_pool_lock:
         pusher = _by_pool.get(pool)
         if pusher is None:
-            pusher = _by_pool[pool] = PushConnection(connection_class, connection_kwargs)
+            pusher = PushConnection(pool.connection_class, pool.connection_kwargs)
+            _by_pool[pool] = pusher
         return pusher
 
 

@@ -150,8 +150,12 @@ def _time_json(moment: datetime) -> bytes:
     """Return :func:`format_time` of ``moment`` as a JSON string."""
     if moment.tzinfo is not None and moment.tzinfo is not timezone.utc:
         moment = moment.astimezone(timezone.utc)
-    if moment.microsecond == 0:
-        return f'"{moment.year:04d}-{moment:%m-%d %H:%M:%S}.000000"'.encode()
+    if moment.microsecond == 0 or type(moment) is not datetime:
+        # msgspec leaves out a zero fraction and rejects subclasses such as pendulum's.
+        return (
+            f'"{moment.year:04d}-{moment.month:02d}-{moment.day:02d} {moment.hour:02d}:'
+            f'{moment.minute:02d}:{moment.second:02d}.{moment.microsecond:06d}"'
+        ).encode()
     # msgspec writes RFC 3339 in C, several times faster than strftime or isoformat:
     # b'"2024-01-31T12:00:00.000001Z"', without the Z when the datetime is naive.
     rfc3339 = _json_encoder.encode(moment)

@@ -244,3 +244,15 @@ def test_attributes_match_general_conversion(value: Any, label: str) -> None:
     general = msgspec.json.encode(_wire_value(event.attributes(), "$.data.attributes"))
 
     assert json.loads(encode(event))["data"]["attributes"] == json.loads(general)
+
+
+class Moment(datetime):
+    """A datetime subclass, as pendulum's DateTime and freezegun's FakeDatetime are."""
+
+
+@pytest.mark.parametrize("microsecond", [0, 1, 999_999])
+def test_datetime_subclass_is_encoded(microsecond: int) -> None:
+    moment = Moment(2024, 1, 31, 12, 0, 5, microsecond, tzinfo=timezone.utc)
+    body = json.loads(encode(UserCreated(user_id="1", occurred_on=moment)))
+
+    assert body["data"]["occurred_on"] == f"2024-01-31 12:00:05.{microsecond:06d}"

@@ -14,11 +14,12 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from outbox import _push
 from outbox.errors import StoreError, StoreUnavailableError
 from outbox.store import Outbox, connect
-from tests.servers import RedisServer
+from tests.servers import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -59,8 +60,12 @@ def test_pushes_share_one_connection_per_pool(server: RedisServer) -> None:
 
 def test_other_clients_get_no_push_connection(server: RedisServer) -> None:
     single = redis.Redis(host="127.0.0.1", port=server.port, single_connection_client=True)
+    # Sentinel's pool asks the sentinels for the primary when it connects; nothing
+    # listens on this port and nothing connects here.
+    sentinel = Sentinel([("127.0.0.1", free_port())]).master_for("primary")
 
     assert _push.push_connection(single) is None
+    assert _push.push_connection(sentinel) is None
     assert _push.push_connection(object()) is None
     Outbox(single, OUTBOX).push([b"a"])
     assert pending(server) == [b"a"]
@@ -108,9 +113,12 @@ def test_interrupted_reply_is_not_reused(server: RedisServer) -> None:
 
 
 def test_killed_connection_push_stores_once(server: RedisServer) -> None:
-    outbox = Outbox(connect(server.url), OUTBOX)
+    # Like redis-py's pool, the push connection checks an idle socket before using it,
+    # so the first push after the kill succeeds without a retry.
+    outbox = Outbox(connect(server.url), OUTBOX, retry_for_s=0)
     outbox.push([b"before"])
     killed = server.client().client_kill_filter(_type="normal", skipme=True)
+    time.sleep(2 * _push.IDLE_CHECK_S)
 
     length = outbox.push([b"after"])
 
