@@ -399,8 +399,9 @@ class _RabbitMqBus(Generic[M]):
         """Publish to RabbitMQ, opening the circuit breaker when RabbitMQ is unavailable."""
         try:
             results = self._publisher.publish(records)
-        except BrokerUnavailableError as exc:
-            self._open_breaker(exc)
+        except BrokerError as exc:
+            if isinstance(exc, BrokerUnavailableError):
+                self._open_breaker(exc)
             return [PublishResult(PublishStatus.FAILED, exc) for _ in records]
         outage = None
         for result in results:

@@ -23,7 +23,6 @@ import redis.exceptions as redis_errors
 
 from outbox.errors import (
     BrokerError,
-    BrokerUnavailableError,
     OutboxConfigError,
     RecordDecodeError,
     StoreError,
@@ -608,7 +607,9 @@ class Drainer:
                 keepalive=renew_leases,
                 keepalive_interval_s=renew_every_s,
             )
-        except BrokerUnavailableError as exc:
+        except BrokerError as exc:
+            # publish raises only BrokerUnavailableError; any other broker error is taken
+            # as an outage too, so the batch keeps its attempts.
             self._broker_down = exc
             self._release_failed(outbox, leases, str(exc), refund=True)
             return

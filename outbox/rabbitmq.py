@@ -186,16 +186,23 @@ class ConfirmingPublisher:
 
         Raises BrokerUnavailableError when RabbitMQ cannot be reached in time.
         """
-        if self._connection is not None and time.monotonic() - self._polled_at > _IDLE_CHECK_S:
-            self._pump(0.0)
-        if self.is_open:
-            return
-        if self._connection is not None and self._connection.is_open:
+        try:
+            if self._connection is not None and time.monotonic() - self._polled_at > _IDLE_CHECK_S:
+                self._pump(0.0)
+            if self.is_open:
+                return
+            if self._connection is not None and self._connection.is_open:
+                self._open_channel()
+                return
+            self._discard_connection()
+            self._open_connection()
             self._open_channel()
-            return
-        self._discard_connection()
-        self._open_connection()
-        self._open_channel()
+        except pika.exceptions.AMQPError as exc:
+            # pika raises when the broker closes the connection between two steps of opening it.
+            self._discard_connection()
+            raise BrokerUnavailableError(
+                f"connecting to RabbitMQ at {self.connector.address} failed: {_describe(exc)}"
+            ) from exc
 
     def close(self) -> None:
         """Close the connection; pending confirms are abandoned."""
@@ -322,24 +329,35 @@ class ConfirmingPublisher:
     def declare_exchange(self, exchange: str) -> None:
         """Declare a durable topic exchange once per connection.
 
-        An exchange that already exists with other arguments is used as it is.
-        Raises BrokerError when the declare fails for another reason.
+        An exchange that already exists with other arguments is used as it is. Raises
+        ChannelClosedError when RabbitMQ refuses the declare (access refused, say), and
+        BrokerUnavailableError when it does not answer or the connection is lost.
         """
         if exchange in self._declared or exchange == "":
             return
         self.connect()
         declared: list[bool] = []
-        self._channel.exchange_declare(
-            exchange=exchange,
-            exchange_type="topic",
-            durable=True,
-            callback=lambda _frame: declared.append(True),
-        )
+        try:
+            self._channel.exchange_declare(
+                exchange=exchange,
+                exchange_type="topic",
+                durable=True,
+                callback=lambda _frame: declared.append(True),
+            )
+        except pika.exceptions.AMQPError as exc:
+            self._discard_connection()
+            raise BrokerUnavailableError(
+                f"declaring exchange {exchange!r} on RabbitMQ at {self.connector.address} "
+                f"failed: {_describe(exc)}"
+            ) from exc
         if not self._run_until(
             lambda: bool(declared) or self._lost(), self.connector.confirm_timeout_s
         ):
             self._discard_connection()
-            raise PublishTimeoutError(f"declaring exchange {exchange!r} timed out")
+            raise BrokerUnavailableError(
+                f"declaring exchange {exchange!r} on RabbitMQ at {self.connector.address} "
+                f"timed out after {self.connector.confirm_timeout_s} s"
+            )
         if declared:
             self._declared.add(exchange)
             return
@@ -400,9 +418,20 @@ class ConfirmingPublisher:
                 f"RabbitMQ at {self.connector.address} blocks publishing: {self._blocked_reason}"
             )
             return [PublishResult(PublishStatus.FAILED, blocked) for _ in records]
+        refused: dict[str, ChannelClosedError] = {}
         for record in records:
-            if record.exchange not in self._declared:
-                self.declare_exchange(record.exchange)
+            exchange = record.exchange
+            if exchange not in self._declared and exchange not in refused:
+                try:
+                    self.declare_exchange(exchange)
+                except ChannelClosedError as exc:
+                    # Only this exchange is refused; the channel opens again for the others.
+                    refused[exchange] = exc
+                    self.connect()
+        if refused:
+            return self._publish_without(
+                records, refused, keepalive=keepalive, keepalive_interval_s=keepalive_interval_s
+            )
 
         self._batch = records
         self._results = [None] * len(records)
@@ -461,6 +490,23 @@ class ConfirmingPublisher:
         self._batch = ()
         self._results = []
         return results
+
+    def _publish_without(
+        self,
+        records: Sequence[OutboxRecord],
+        refused: dict[str, ChannelClosedError],
+        **publish_options: Any,
+    ) -> list[PublishResult]:
+        """Publish the records whose exchange was declared; fail the others with its error."""
+        sendable = [index for index, record in enumerate(records) if record.exchange not in refused]
+        sent = self.publish([records[index] for index in sendable], **publish_options)
+        by_index = dict(zip(sendable, sent, strict=True))
+        return [
+            by_index[index]
+            if index in by_index
+            else PublishResult(PublishStatus.FAILED, refused[record.exchange])
+            for index, record in enumerate(records)
+        ]
 
     def _reject_oversized(self) -> None:
         """Mark the waiting messages above the max_message_size that closed the channel as REJECTED.

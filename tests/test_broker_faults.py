@@ -36,7 +36,8 @@ from outbox import (
 from outbox.drain import Drainer, DrainSettings
 from outbox.messages import DomainEvent
 from outbox.naming import exchange_name, outbox_name, routing_key
-from outbox.records import OutboxRecord, decode_record
+from outbox.rabbitmq import PublishStatus
+from outbox.records import OutboxRecord, decode_record, record_for
 from outbox.store import Outbox, connect
 from tests.rabbit_node import RabbitNode, find_scripts, free_node_port
 from tests.servers import LOOPBACK, RedisServer
@@ -817,3 +818,206 @@ def test_retries_during_an_alarm_send_one_message_not_a_batch(broker, redis_clie
     # The first batch went into the blocked connection whole; every retry after it sent
     # one message, so the copies stay below a second batch.
     assert len(received) - 40 < 40
+
+
+# Brokers that fail between two steps of a connection
+
+
+class FrameCutter:
+    """A loopback proxy to the private node that cuts connections at one AMQP method.
+
+    ``cut`` is the direction to watch (``"from_broker"`` or ``"to_broker"``), the method's
+    class and method ids, and what to do once that frame has passed: ``"close"`` shuts both
+    sockets, ``"silence"`` drops every later byte in both directions.
+    """
+
+    def __init__(self, target_port: int, direction: str, method: tuple[int, int], action: str):
+        self.target_port = target_port
+        self.direction = direction
+        self.method = method
+        self.action = action
+        self.cuts = 0
+        self._listener = socket.create_server((LOOPBACK, 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def amqp_url(self) -> str:
+        return f"amqp://guest:guest@{LOOPBACK}:{self.port}/%2F"
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((LOOPBACK, self.target_port), timeout=5)
+            upstream.settimeout(None)
+            self._sockets += [client, upstream]
+            silenced = threading.Event()
+            for source, target, direction in (
+                (client, upstream, "to_broker"),
+                (upstream, client, "from_broker"),
+            ):
+                threading.Thread(
+                    target=self._copy,
+                    args=(source, target, direction, (client, upstream), silenced),
+                    daemon=True,
+                ).start()
+
+    def _copy(
+        self,
+        source: socket.socket,
+        target: socket.socket,
+        direction: str,
+        pair: tuple[socket.socket, socket.socket],
+        silenced: threading.Event,
+    ) -> None:
+        watching = direction == self.direction
+        # The client's protocol header (8 bytes) comes before its first frame.
+        buffer = b""
+        header = 8 if direction == "to_broker" else 0
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if silenced.is_set():
+                    continue
+                if not watching:
+                    target.sendall(data)
+                    continue
+                buffer += data
+                while True:
+                    if header:
+                        if len(buffer) < header:
+                            break
+                        target.sendall(buffer[:header])
+                        buffer, header = buffer[header:], 0
+                        continue
+                    if len(buffer) < 7:
+                        break
+                    size = int.from_bytes(buffer[3:7], "big")
+                    if len(buffer) < 7 + size + 1:
+                        break
+                    frame, buffer = buffer[: 8 + size], buffer[8 + size :]
+                    target.sendall(frame)
+                    ids = (int.from_bytes(frame[7:9], "big"), int.from_bytes(frame[9:11], "big"))
+                    if frame[0] == 1 and ids == self.method:
+                        self.cuts += 1
+                        silenced.set()
+                        if self.action == "close":
+                            for sock in pair:
+                                with contextlib.suppress(OSError):
+                                    sock.shutdown(socket.SHUT_RDWR)
+                        break
+                if silenced.is_set():
+                    buffer = b""
+        except OSError:
+            pass
+
+
+CONNECTION_OPEN_OK = (10, 41)
+EXCHANGE_DECLARE = (40, 10)
+
+
+@pytest.fixture
+def frame_cutter(rabbit_node: RabbitNode) -> Iterator[Any]:
+    cutters: list[FrameCutter] = []
+
+    def start(direction: str, method: tuple[int, int], action: str) -> FrameCutter:
+        cutter = FrameCutter(rabbit_node.port, direction, method, action)
+        cutters.append(cutter)
+        return cutter
+
+    yield start
+    for cutter in cutters:
+        cutter.close()
+
+
+def test_connection_closed_after_open_falls_back(broker, redis_client, frame_cutter):
+    organization = broker.organization()
+    broker.bind_queue(exchange_name(organization, SERVICE))
+    cutter = frame_cutter("from_broker", CONNECTION_OPEN_OK, "close")
+    bus = bus_for(cutter.amqp_url, organization, redis_client)
+    event = events(1)[0]
+
+    bus.publish(event)
+    bus.close()
+
+    assert cutter.cuts == 1
+    assert stored_ids(redis_client, organization) == [event.id]
+
+
+def test_silence_after_exchange_declare_falls_back(broker, redis_client, frame_cutter):
+    organization = broker.organization()
+    broker.bind_queue(exchange_name(organization, SERVICE))
+    cutter = frame_cutter("to_broker", EXCHANGE_DECLARE, "silence")
+    bus = bus_for(cutter.amqp_url, organization, redis_client)
+    event = events(1)[0]
+
+    publish_s = timed_publish(bus, event)
+    bus.close()
+
+    assert cutter.cuts == 1
+    assert publish_s < CONFIRM_TIMEOUT_S + MARGIN_S
+    assert stored_ids(redis_client, organization) == [event.id]
+
+
+def test_drainer_keeps_attempts_when_open_is_cut(broker, redis_client, frame_cutter):
+    organization = broker.organization()
+    queue = broker.bind_queue(exchange_name(organization, SERVICE))
+    producer = RedisDomainEventBus(organization, SERVICE, redis_client)
+    stored_events = events(3)
+    producer.publish(stored_events)
+    cutter = frame_cutter("from_broker", CONNECTION_OPEN_OK, "close")
+
+    cut_drainer = drainer_for(cutter.amqp_url, redis_client, organization, max_attempts=1)
+    for _ in range(3):
+        cut_drainer.run_round()
+    cut_drainer.close()
+    drainer = drainer_for(broker.node.amqp_url, redis_client, organization, max_attempts=1)
+    drainer.run_round()
+    drainer.close()
+
+    assert cutter.cuts == 3
+    assert outbox_of(redis_client, organization).stats().dead == 0
+    assert broker.message_ids(queue, expected=3) == [event.id for event in stored_events]
+
+
+def test_refused_exchange_declare_falls_back(broker, redis_client):
+    # The user may configure (declare) the allowed organization's exchange only; RabbitMQ
+    # refuses the other declare with 403 ACCESS_REFUSED and closes the channel.
+    allowed, refused = broker.organization(), broker.organization()
+    queue = broker.bind_queue(exchange_name(allowed, SERVICE))
+    user = f"publisher-{RUN_ID}-{next(_name_numbers)}"
+    broker.node.ctl("add_user", user, "secret")
+    broker.node.ctl("set_permissions", "-p", "/", user, f"^{allowed}\\.", ".*", ".*")
+    url = f"amqp://{user}:secret@{LOOPBACK}:{broker.node.port}/%2F"
+    refused_event, allowed_event = events(2)
+    try:
+        refused_bus = bus_for(url, refused, redis_client)
+        refused_bus.publish(refused_event)
+        refused_bus.close()
+        publisher = connector_for(url).publisher()
+        results = publisher.publish(
+            [
+                record_for(refused_event, organization=refused, service=SERVICE),
+                record_for(allowed_event, organization=allowed, service=SERVICE),
+            ]
+        )
+        publisher.close()
+    finally:
+        broker.node.ctl("delete_user", user)
+
+    assert stored_ids(redis_client, refused) == [refused_event.id]
+    assert [result.status for result in results] == [PublishStatus.FAILED, PublishStatus.CONFIRMED]
+    assert "ACCESS_REFUSED" in str(results[0].error)
+    assert broker.message_ids(queue, expected=1) == [allowed_event.id]
