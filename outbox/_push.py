@@ -18,6 +18,8 @@ from typing import Any
 import redis
 import redis.exceptions as redis_errors
 
+from outbox import _fork
+
 # A connection unused for longer is checked as redis-py's pool checks its connections
 # before a push. A busy connection is used as it is.
 IDLE_CHECK_S = 0.05
@@ -68,8 +70,7 @@ class PushConnection:
         finally:
             self._lock.release()
 
-    def forget(self) -> None:
-        """Drop the connection and lock without touching the socket (in a forked child)."""
+    def _after_fork(self) -> None:
         self._lock = threading.Lock()
         self._connection = None
         self._connected = False
@@ -111,16 +112,13 @@ def push_connection(client: Any) -> PushConnection | None:
         if pusher is None:
             pusher = PushConnection(pool.connection_class, pool.connection_kwargs)
             _by_pool[pool] = pusher
+            _fork.reset_after_fork(pusher)
         return pusher
 
 
-def _forget_after_fork() -> None:
-    # A child must not write to its parent's sockets, and a lock held by one of the
-    # parent's threads would never be released in the child.
+def _after_fork_in_child() -> None:
     global _by_pool_lock
     _by_pool_lock = threading.Lock()
-    for pusher in list(_by_pool.values()):
-        pusher.forget()
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import msgspec
 
+from outbox import _fork
 from outbox.errors import (
     BrokerError,
     BrokerUnavailableError,
@@ -301,9 +302,14 @@ class _RabbitMqBus(Generic[M]):
         # fallback until this monotonic time, instead of paying the connect timeout each time.
         self._skip_broker_until = 0.0
         self._outage: BrokerError | None = None
+        _fork.reset_after_fork(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.organization!r}, {self.service!r}, {self.connector!r})"
+
+    def _after_fork(self) -> None:
+        # A publishing thread of the parent may have held the lock at the fork.
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         """Close the connection to RabbitMQ; the bus reconnects if it is used again."""

@@ -22,6 +22,7 @@ import pika.exceptions
 from pika.adapters.select_connection import SelectConnection
 from pika.spec import Basic
 
+from outbox import _fork
 from outbox.errors import (
     BrokerError,
     BrokerUnavailableError,
@@ -169,6 +170,7 @@ class ConfirmingPublisher:
         self._batch: Sequence[OutboxRecord] = ()
         # The time the ioloop last read the connection. connect() reads an idle one first.
         self._polled_at = 0.0
+        _fork.reset_after_fork(self)
 
     # Connection management
 
@@ -216,6 +218,16 @@ class ConfirmingPublisher:
             except pika.exceptions.AMQPError:
                 pass
         self._discard_connection()
+
+    def _after_fork(self) -> None:
+        # The connection's socket and epoll belong to the parent: a forked child drops them
+        # without closing them and opens its own connection at its first publish.
+        self._connection = None
+        self._channel = None
+        self._declared = set()
+        self._blocked_reason = None
+        self._probing = False
+        self._waiting = {}
 
     def _discard_connection(self) -> None:
         connection = self._connection

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -250,6 +251,37 @@ def test_threads_sharing_a_bus_deliver_every_event_once(redis_client, rabbit, am
     received = [p.message_id for _, p, _ in rabbit.consume_all(queue, expected=800)]
     stored = [r.message_id for r in stored_records(redis_client, f"{organization}.shop.events")]
     assert sorted(received + stored) == sorted(ids)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_forked_child_publishes_on_own_connection(redis_client, rabbit, amqp_url):
+    organization = rabbit.organization()
+    queue = rabbit.bind_queue(f"{organization}.shop")
+    fallback = RedisDomainEventBus(organization, "shop", redis_client)
+    bus = RabbitMqDomainEventBus(organization, "shop", RabbitMqConnector(amqp_url), fallback=fallback)
+    first = OrderPlaced(order_id="before fork")
+    bus.publish(first)
+    child_events = [OrderPlaced(order_id=f"child {n}") for n in range(100)]
+    parent_events = [OrderPlaced(order_id=f"parent {n}") for n in range(100)]
+
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child process
+        code = 0
+        try:
+            for event in child_events:
+                bus.publish(event)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    for event in parent_events:
+        bus.publish(event)
+    _, status = os.waitpid(child, 0)
+    bus.close()
+    received = [p.message_id for _, p, _ in rabbit.consume_all(queue, expected=201)]
+
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert stored_records(redis_client, f"{organization}.shop.events") == []
+    assert sorted(received) == sorted(e.id for e in [first, *child_events, *parent_events])
 
 
 def test_probe_answered_by_a_return_sends_the_rest_of_the_batch(rabbit, amqp_url):
