@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import msgspec
+import redis.exceptions as redis_errors
 
 from outbox import _fork
 from outbox.errors import (
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 DEFAULT_RETRY_INTERVAL_S = 5.0
+# Redis errors after which a push may have been stored or not.
+_UNKNOWN_OUTCOME = (redis_errors.ConnectionError, redis_errors.TimeoutError)
 # RabbitMQ accepts per-message TTLs up to 2^32 - 1 milliseconds.
 _MAX_EXPIRATION_MS = 2**32 - 1
 
@@ -380,6 +383,9 @@ class _RabbitMqBus(Generic[M]):
                     f"{len(store_error.unstored_message_ids)} were not "
                     "(see unstored_message_ids of the store error)"
                 )
+            elif isinstance(store_error.__cause__, _UNKNOWN_OUTCOME):
+                # A timeout or a lost connection can hide a push that Redis did store.
+                stored = "they may or may not have been stored"
             else:
                 stored = "nothing was stored"
             raise PublishAndStoreError(

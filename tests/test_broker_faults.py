@@ -660,11 +660,14 @@ def full_redis() -> Iterator[redis.Redis]:
 
 
 @pytest.mark.parametrize(
-    ("redis_fixture", "store_error"),
-    [("stopped_redis", StoreUnavailableError), ("full_redis", StoreFullError)],
+    ("redis_fixture", "store_error", "outcome"),
+    [
+        ("stopped_redis", StoreUnavailableError, "may or may not have been stored"),
+        ("full_redis", StoreFullError, "nothing was stored"),
+    ],
     ids=["redis-stopped", "redis-full"],
 )
-def test_both_stores_failing_name_both_causes(request, redis_fixture, store_error):
+def test_both_stores_failing_name_both_causes(request, redis_fixture, store_error, outcome):
     client = request.getfixturevalue(redis_fixture)
     organization = f"faults-{RUN_ID}-both"
     bus = bus_for(f"amqp://guest:guest@{LOOPBACK}:{free_node_port()}/%2F", organization, client)
@@ -680,6 +683,7 @@ def test_both_stores_failing_name_both_causes(request, redis_fixture, store_erro
     assert isinstance(error.store_error, store_error)
     assert "connecting to RabbitMQ" in str(error)
     assert "Redis push on outbox" in str(error)
+    assert outcome in str(error)
     # Connect timeout for the broker, then retry_for_s=0.5 for Redis.
     assert elapsed < CONNECT_TIMEOUT_S + 0.5 + MARGIN_S
 
