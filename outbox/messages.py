@@ -11,6 +11,7 @@ where ``type`` is the dotted snake name (``user.created``), ``type_message`` is
 from __future__ import annotations
 
 import inspect
+import math
 import uuid
 from datetime import datetime, timezone
 from typing import Any, ClassVar, TypeVar
@@ -177,16 +178,19 @@ def _wire_value(value: Any, path: str) -> Any:
     is_integer = isinstance(value, int) and not isinstance(value, bool)
     if is_integer and not _INT64_MIN <= value <= _UINT64_MAX:
         raise ValueError(f"integer {value} does not fit in 64 bits - at {path}")
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON has no NaN or infinity; the encoder would write null in their place.
+        raise ValueError(f"{value} is not a finite number - at {path}")
     return value
 
 
 _attribute_names_of: dict[type, tuple[str, ...]] = {}
-_PLAIN_TYPES = (str, float, bool, type(None))
+_PLAIN_TYPES = (str, bool, type(None))
 
 
 def _plain_attributes(message: Message) -> dict[str, Any] | None:
-    """Return the attributes as they are when each is a str, float, bool, None or 64-bit
-    int, the values that need no conversion; return None otherwise."""
+    """Return the attributes as they are when each is a str, finite float, bool, None or
+    64-bit int, the values that need no conversion; return None otherwise."""
     cls = type(message)
     names = _attribute_names_of.get(cls)
     if names is None:
@@ -198,6 +202,9 @@ def _plain_attributes(message: Message) -> dict[str, Any] | None:
         value_type = type(value)
         if value_type is int:
             if not _INT64_MIN <= value <= _UINT64_MAX:
+                return None
+        elif value_type is float:
+            if not math.isfinite(value):
                 return None
         elif value_type not in _PLAIN_TYPES:
             return None
@@ -236,10 +243,17 @@ def encode(message: Message) -> bytes:
             }
         }
         return _json_encoder.encode(data)
-    except (TypeError, ValueError, OverflowError, NotImplementedError, msgspec.EncodeError) as exc:
+    except (
+        TypeError,
+        ValueError,
+        OverflowError,
+        NotImplementedError,
+        RecursionError,
+        msgspec.EncodeError,
+    ) as exc:
         raise MessageEncodeError(
             f"cannot encode {type(message).__name__} {message.id!r} as JSON: {exc}; "
-            "use str, int (64-bit), float, bool, None, datetime, lists and dicts in attributes and meta"
+            "use str, int (64-bit), finite float, bool, None, datetime, lists and dicts in attributes and meta"
         ) from exc
 
 

@@ -227,7 +227,7 @@ _json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats()
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text()
     | st.datetimes(min_value=datetime(1001, 1, 1), timezones=st.none() | st.just(timezone.utc)),
     lambda children: st.lists(children, max_size=3)
@@ -256,3 +256,26 @@ def test_datetime_subclass_is_encoded(microsecond: int) -> None:
     body = json.loads(encode(UserCreated(user_id="1", occurred_on=moment)))
 
     assert body["data"]["occurred_on"] == f"2024-01-31 12:00:05.{microsecond:06d}"
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("place", ["attribute", "nested attribute", "meta"])
+def test_number_json_cannot_carry_is_rejected(number: float, place: str) -> None:
+    # JSON has no NaN or infinity; writing null would lose the value.
+    if place == "attribute":
+        event = Anything(value=number)
+    elif place == "nested attribute":
+        event = Anything(value={"readings": [1.0, number]})
+    else:
+        event = Anything(value=1, meta={"score": number})
+
+    with pytest.raises(MessageEncodeError, match="not a finite number"):
+        encode(event)
+
+
+def test_value_that_contains_itself_is_rejected() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+
+    with pytest.raises(MessageEncodeError, match="Anything"):
+        encode(Anything(value=loop))
