@@ -432,11 +432,14 @@ class _RabbitMqBus(Generic[M]):
 
     def _open_breaker(self, error: BrokerError) -> None:
         if self._outage is None:
-            target = self.fallback.outbox.name if self.fallback is not None else "no fallback"
+            if self.fallback is not None:
+                action = f"storing messages in outbox {self.fallback.outbox.name}"
+            else:
+                action = "publishes raise BrokerError (the bus has no fallback)"
             logger.warning(
-                "RabbitMQ at %s is unavailable, publishing to %s and retrying RabbitMQ every %.1f s: %s",
+                "RabbitMQ at %s is unavailable; %s and retrying RabbitMQ every %.1f s: %s",
                 self.connector.address,
-                target,
+                action,
                 self.retry_interval_s,
                 error,
             )

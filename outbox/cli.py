@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -83,6 +84,17 @@ def _env_float(name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         _usage_error(f"environment variable {name} must be a number, got {raw!r}")
+
+
+def _positive_int(text: str) -> int:
+    """Parse an argument that must be a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def _check_choices(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -162,10 +174,21 @@ def redis_client(args: argparse.Namespace) -> Any:
 
 
 def _outbox_names(args: argparse.Namespace) -> list[str]:
-    if args.outboxes:
-        return list(args.outboxes)
-    from_env = os.environ.get("OUTBOX_OUTBOXES", "")
-    return [name.strip() for name in from_env.split(",") if name.strip()]
+    """Return the outboxes of --outbox or OUTBOX_OUTBOXES; exit 2 when a name is empty."""
+    if args.outboxes is not None:
+        names, source = list(args.outboxes), "--outbox"
+    else:
+        from_env = os.environ.get("OUTBOX_OUTBOXES", "")
+        if not from_env.strip():
+            return []
+        names, source = [name.strip() for name in from_env.split(",")], "OUTBOX_OUTBOXES"
+    if not all(names):
+        # An empty name must not widen the command to every outbox in Redis.
+        _usage_error(
+            f"{source} contains an empty outbox name ({', '.join(map(repr, names))}); "
+            "give each outbox's name, or leave it out to work on every outbox found in Redis"
+        )
+    return names
 
 
 def _petisco_keys(args: argparse.Namespace) -> list[str]:
@@ -370,8 +393,12 @@ def drain_command(argv: Sequence[str] | None = None) -> int:
     _check_choices(parser, args)
     if args.max_message_bytes < 1:
         parser.error(f"--max-message-bytes must be at least 1, got {args.max_message_bytes}")
-    if args.max_outage_s < 0:
-        parser.error(f"--max-outage-s must not be negative, got {args.max_outage_s}")
+    if not (args.max_outage_s >= 0 and math.isfinite(args.max_outage_s)):
+        parser.error(f"--max-outage-s must be a finite number, 0 or more, got {args.max_outage_s}")
+    if not 0 <= args.metrics_port <= 65535:
+        parser.error(
+            f"--metrics-port must be a port from 1 to 65535, or 0, got {args.metrics_port}"
+        )
     configure_logging(args.log_level, args.log_format)
     settings = DrainSettings(
         batch_size=args.batch_size,
@@ -415,7 +442,7 @@ def drain_command(argv: Sequence[str] | None = None) -> int:
             except OSError as exc:
                 print(
                     f"error: cannot serve metrics on {args.metrics_address}:{args.metrics_port}: "
-                    f"{exc}; choose another --metrics-port",
+                    f"{exc}; check --metrics-address or choose another --metrics-port",
                     file=sys.stderr,
                 )
                 drainer.close()
@@ -502,7 +529,7 @@ def main_parser() -> argparse.ArgumentParser:
     _add_redis_options(dead_list)
     dead_list.add_argument(
         "--limit",
-        type=int,
+        type=_positive_int,
         default=100,
         help="maximum entries listed per outbox (default %(default)s)",
     )

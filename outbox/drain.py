@@ -126,11 +126,11 @@ class Drainer:
         connect_ms = int(connector.connect_timeout_s * 2000)
         if self.settings.lease_ms <= connect_ms:
             logger.warning(
-                "The lease (%d ms) is not longer than twice the connect timeout (%d ms): leases "
+                "The lease (%d ms) is not longer than twice the connect timeout of %.1f s: leases "
                 "can expire while the drainer reconnects to RabbitMQ, which uses up attempts; "
                 "raise --lease-ms or lower --connect-timeout-s",
                 self.settings.lease_ms,
-                connect_ms,
+                connector.connect_timeout_s,
             )
         self.counts = DrainCounts()
         self.stopping = threading.Event()

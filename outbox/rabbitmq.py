@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -103,8 +104,10 @@ class RabbitMqConnector:
             ("confirm_timeout_s", confirm_timeout_s),
             ("blocked_connection_timeout_s", blocked_connection_timeout_s),
         ):
-            if not value > 0:
-                raise OutboxConfigError(f"{option} must be greater than 0, got {value}")
+            if not (value > 0 and math.isfinite(value)):
+                raise OutboxConfigError(
+                    f"{option} must be a finite number of seconds greater than 0, got {value}"
+                )
         scheme = url.partition("://")[0] if "://" in url else ""
         if scheme not in ("amqp", "amqps"):
             raise OutboxConfigError(

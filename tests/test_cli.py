@@ -28,11 +28,20 @@ def run_drain(args: list[str], env: dict[str, str] | None = None) -> subprocess.
         (["--amqp-url", "notaurl"], {}, "invalid AMQP URL 'notaurl'"),
         (["--amqp-url", "http://127.0.0.1/"], {}, "invalid AMQP URL"),
         (["--max-message-bytes", "0"], {}, "--max-message-bytes must be at least 1"),
-        (["--max-outage-s", "-1"], {}, "--max-outage-s must not be negative"),
+        (["--max-outage-s", "-1"], {}, "--max-outage-s must be a finite number, 0 or more"),
+        (["--max-outage-s", "inf"], {}, "--max-outage-s must be a finite number, 0 or more"),
         (["--lease-ms", "5"], {}, "lease must be at least 100 ms"),
+        (["--connect-timeout-s", "inf"], {}, "connect_timeout_s must be a finite number"),
+        (["--confirm-timeout-s", "nan"], {}, "confirm_timeout_s must be a finite number"),
+        (["--metrics-port", "70000"], {}, "--metrics-port must be a port from 1 to 65535"),
+        (["--outbox", ""], {}, "--outbox contains an empty outbox name"),
+        ([], {"OUTBOX_OUTBOXES": ",,"}, "OUTBOX_OUTBOXES contains an empty outbox name"),
+        ([], {"OUTBOX_OUTBOXES": "acme.a.events,,acme.b.events"}, "an empty outbox name"),
     ],
     ids=["once-word", "log-format", "batch-size-word", "redis-url", "amqp-url", "amqp-scheme",
-         "max-message-bytes", "max-outage", "lease"],
+         "max-message-bytes", "max-outage", "max-outage-inf", "lease", "connect-timeout-inf",
+         "confirm-timeout-nan", "metrics-port", "outbox-empty", "outboxes-env-empty",
+         "outboxes-env-gap"],
 )
 def test_invalid_drain_option_exits_2_with_message(redis_url, args, env, message):
     result = run_drain(["--redis-url", redis_url, *args], env)
@@ -69,3 +78,13 @@ def test_dead_purge_rejects_ids_with_all(redis_url, redis_client):
     )
     assert result.returncode == 2
     assert "not both" in result.stderr
+
+
+@pytest.mark.parametrize("limit", ["0", "-2"])
+def test_dead_list_rejects_limit_below_one(redis_url, limit):
+    result = subprocess.run(
+        [sys.executable, "-m", "outbox", "dead", "list", "--limit", limit, "--redis-url", redis_url],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert f"must be 1 or more, got {limit}" in result.stderr
