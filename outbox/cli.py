@@ -562,7 +562,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("WARNING", "text")
     try:
         client = redis_client(args)
-        names = _outbox_names(args) or discover_outboxes(client)
+        names = _outbox_names(args)
+        if names:
+            _check_outboxes_exist(client, names, args.redis_url)
+        else:
+            names = discover_outboxes(client)
         outboxes = [Outbox(client, name) for name in names]
         if args.command == "stats":
             return _stats(outboxes, as_json=args.json)
@@ -577,6 +581,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader of the output went away, as `| head` does; that is not an error.
         sys.stderr.close()
         return EXIT_OK
+
+
+def _check_outboxes_exist(client: Any, names: list[str], redis_url: str) -> None:
+    """Exit 1 naming the outboxes that Redis has no trace of, so a mistyped name shows."""
+    found = discover_outboxes(client)
+    known = set(found) | {name.partition("#")[0] for name in found}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SystemExit(
+            f"error: outbox {', '.join(map(repr, unknown))} not found in Redis at "
+            f"{_redact_url(redis_url)} (outboxes found: {', '.join(found) or 'none'}); "
+            "check the name"
+        )
 
 
 def _stats(outboxes: list[Outbox], *, as_json: bool) -> int:

@@ -466,7 +466,7 @@ def registered_outboxes(client: Any) -> list[str]:
     try:
         members = client.smembers(REGISTRY_KEY)
     except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
-        raise translate_error(exc, outbox="*", operation="read the outbox registry") from exc
+        raise translate_error(exc, outbox="*", operation="read of the outbox registry") from exc
     return sorted(_text(member) for member in members)
 
 

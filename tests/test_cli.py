@@ -88,3 +88,17 @@ def test_dead_list_rejects_limit_below_one(redis_url, limit):
     )
     assert result.returncode == 2
     assert f"must be 1 or more, got {limit}" in result.stderr
+
+
+def test_unknown_outbox_name_exits_1_naming_it(redis_url, redis_client):
+    from outbox.store import Outbox
+
+    Outbox(redis_client, "acme.cli.events").push([b"x"])
+    result = subprocess.run(
+        [sys.executable, "-m", "outbox", "stats", "--outbox", "acme.cli.evnets", "--redis-url",
+         redis_url],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert "outbox 'acme.cli.evnets' not found" in result.stderr
+    assert "outboxes found: acme.cli.events" in result.stderr
