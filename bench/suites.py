@@ -644,8 +644,8 @@ def _bus_down(ctx: Context) -> list[Ratio]:
             baseline_rate=rates["direct"],
             count=count,
             notes="informational: the bus also stores on a connection outside redis-py's pool "
-            "(outbox/_push.py), so this baseline skips the same per-command pool checks and "
-            "the ratio shows the cost of building, encoding and routing the message",
+            "(outbox/_push.py). This baseline skips the same per-command pool checks, so the "
+            "ratio shows the cost of building, encoding and routing the message",
             runs=_segment_rates(count, segment, times["bus"]),
             baseline_runs=_segment_rates(count, segment, times["direct"]),
         ),
