@@ -155,9 +155,15 @@ def redis_client(args: argparse.Namespace) -> Any:
     Raises OutboxConfigError when a standalone client reaches a cluster node, because
     every outbox outside that node's slots would fail with MOVED.
     """
-    if args.redis_cluster:
-        return connect_cluster(args.redis_url)
-    client = connect(args.redis_url)
+    try:
+        if args.redis_cluster:
+            return connect_cluster(args.redis_url)
+        client = connect(args.redis_url)
+    except ValueError as exc:
+        raise OutboxConfigError(
+            f"invalid --redis-url (env OUTBOX_REDIS_URL) {_redact_url(args.redis_url)!r}: {exc}; "
+            "expected redis://host:port/db, rediss://host:port/db or unix:///path/to/socket"
+        ) from exc
     try:
         clustered = cluster_enabled(client)
     except redis_errors.RedisError as exc:

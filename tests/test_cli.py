@@ -24,7 +24,7 @@ def run_drain(args: list[str], env: dict[str, str] | None = None) -> subprocess.
         ([], {"OUTBOX_ONCE": "maybe"}, "OUTBOX_ONCE must be 1, true, yes or on"),
         ([], {"OUTBOX_LOG_FORMAT": "xml"}, "invalid choice 'xml'"),
         ([], {"OUTBOX_BATCH_SIZE": "many"}, "OUTBOX_BATCH_SIZE must be an integer"),
-        (["--redis-url", "notaurl"], {}, "Redis URL must specify"),
+        (["--redis-url", "notaurl"], {}, "invalid --redis-url (env OUTBOX_REDIS_URL) 'notaurl'"),
         (["--amqp-url", "notaurl"], {}, "invalid AMQP URL 'notaurl'"),
         (["--amqp-url", "http://127.0.0.1/"], {}, "invalid AMQP URL"),
         (["--max-message-bytes", "0"], {}, "--max-message-bytes must be at least 1"),
