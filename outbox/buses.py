@@ -28,6 +28,7 @@ from outbox.errors import (
     OutboxError,
     PartialStoreError,
     PublishAndStoreError,
+    PublishTimeoutError,
 )
 from outbox.messages import Command, DomainEvent, Message
 from outbox.naming import MessageKind, check_name_part, outbox_name
@@ -46,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 DEFAULT_RETRY_INTERVAL_S = 5.0
+# Publish errors that open the circuit breaker.
+_OUTAGE_ERRORS = (BrokerUnavailableError, PublishTimeoutError)
 # Redis errors after which a push may have been stored or not.
 _UNKNOWN_OUTCOME = (redis_errors.ConnectionError, redis_errors.TimeoutError)
 # RabbitMQ accepts per-message TTLs up to 2^32 - 1 milliseconds.
@@ -417,7 +420,9 @@ class _RabbitMqBus(Generic[M]):
             return [PublishResult(PublishStatus.FAILED, exc) for _ in records]
         outage = None
         for result in results:
-            if result.error is not None and isinstance(result.error, BrokerUnavailableError):
+            # A broker that stops confirming is as good as down: without the breaker every
+            # publish would wait confirm_timeout_s.
+            if result.error is not None and isinstance(result.error, _OUTAGE_ERRORS):
                 outage = result.error
                 break
         if outage is not None:

@@ -930,6 +930,7 @@ class FrameCutter:
 
 CONNECTION_OPEN_OK = (10, 41)
 EXCHANGE_DECLARE = (40, 10)
+BASIC_PUBLISH = (60, 40)
 
 
 @pytest.fixture
@@ -1025,3 +1026,22 @@ def test_refused_exchange_declare_falls_back(broker, redis_client):
     assert [result.status for result in results] == [PublishStatus.FAILED, PublishStatus.CONFIRMED]
     assert "ACCESS_REFUSED" in str(results[0].error)
     assert broker.message_ids(queue, expected=1) == [allowed_event.id]
+
+
+def test_confirm_timeout_opens_the_breaker(broker, redis_client, frame_cutter):
+    # The broker takes the connection, then never confirms: later publishes within
+    # retry_interval_s go straight to Redis instead of each waiting for the timeout.
+    organization = broker.organization()
+    broker.bind_queue(exchange_name(organization, SERVICE))
+    cutter = frame_cutter("to_broker", BASIC_PUBLISH, "silence")
+    bus = bus_for(cutter.amqp_url, organization, redis_client, retry_interval_s=30)
+    first, second = events(2)
+
+    first_s = timed_publish(bus, first)
+    second_s = timed_publish(bus, second)
+    bus.close()
+
+    assert cutter.cuts == 1
+    assert CONFIRM_TIMEOUT_S <= first_s < CONFIRM_TIMEOUT_S + MARGIN_S
+    assert second_s < 0.5
+    assert stored_ids(redis_client, organization) == [first.id, second.id]
