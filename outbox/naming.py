@@ -16,6 +16,8 @@ KEY_PREFIX = "outbox"
 # without scanning the keyspace.
 REGISTRY_KEY = f"{KEY_PREFIX}:names"
 
+# AMQP short strings, such as exchange names and routing keys, hold at most 255 bytes.
+AMQP_SHORT_STRING_BYTES = 255
 # Characters that would break a hash tag, a routing-key segment or a Redis key pattern.
 _FORBIDDEN_NAME_CHARS = re.compile(r"[{}\s*?\[\]]")
 _CAMEL_BOUNDARY = re.compile(r"(?<!^)(?=[A-Z])")
@@ -65,7 +67,16 @@ def _route(
 ) -> tuple[str, str]:
     # Buses route every message; the names are checked and joined once per message type.
     exchange = _checked_exchange_name(organization, service)
-    return exchange, f"{exchange}.{version}.{kind}.{name.replace('.', '_')}"
+    key = f"{exchange}.{version}.{kind}.{name.replace('.', '_')}"
+    for what, value in (("exchange", exchange), ("routing key", key)):
+        size = len(value.encode())
+        if size > AMQP_SHORT_STRING_BYTES:
+            raise OutboxConfigError(
+                f"{what} {value[:60]!r}... has {size} bytes, more than the "
+                f"{AMQP_SHORT_STRING_BYTES} AMQP allows; shorten the organization, the service "
+                "or the message name"
+            )
+    return exchange, key
 
 
 def outbox_name(organization: str, service: str, kind: MessageKind) -> str:

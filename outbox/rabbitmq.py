@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 import re
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +44,17 @@ DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 _PRECONDITION_FAILED = 406
 _NOT_FOUND = 404
 _CLOSE_WAIT_S = 1.0
+# Longest timeout accepted, one day: longer ones are mistakes, and overflow in milliseconds.
+_MAX_TIMEOUT_S = 86_400
+# Errors pika raises while it encodes one message, before sending any of it.
+_UNSENDABLE = (
+    pika.exceptions.ShortStringTooLong,
+    pika.exceptions.UnsupportedAMQPFieldException,
+    struct.error,
+    TypeError,
+    ValueError,
+    OverflowError,
+)
 # Before a publish, a connection the ioloop has not read for this long is read first, so
 # a close or block the broker sent meanwhile is seen. A connection read since is used as is.
 _IDLE_CHECK_S = 0.05
@@ -104,9 +115,10 @@ class RabbitMqConnector:
             ("confirm_timeout_s", confirm_timeout_s),
             ("blocked_connection_timeout_s", blocked_connection_timeout_s),
         ):
-            if not (value > 0 and math.isfinite(value)):
+            if not 0 < value <= _MAX_TIMEOUT_S:
                 raise OutboxConfigError(
-                    f"{option} must be a finite number of seconds greater than 0, got {value}"
+                    f"{option} must be more than 0 and at most {_MAX_TIMEOUT_S} seconds, "
+                    f"got {value}"
                 )
         scheme = url.partition("://")[0] if "://" in url else ""
         if scheme not in ("amqp", "amqps"):
@@ -453,13 +465,26 @@ class ConfirmingPublisher:
         self._waiting = {}
         try:
             for index, record in enumerate(records):
-                self._channel.basic_publish(
-                    exchange=record.exchange,
-                    routing_key=record.routing_key,
-                    body=record.body,
-                    properties=properties_for(record),
-                    mandatory=True,
-                )
+                try:
+                    self._channel.basic_publish(
+                        exchange=record.exchange,
+                        routing_key=record.routing_key,
+                        body=record.body,
+                        properties=properties_for(record),
+                        mandatory=True,
+                    )
+                except _UNSENDABLE as exc:
+                    # pika encodes all frames of a message before it sends any, so nothing
+                    # of this one was sent; the message itself is at fault, not the broker.
+                    self._results[index] = PublishResult(
+                        PublishStatus.REJECTED,
+                        BrokerError(
+                            f"message {record.message_id!r} cannot be sent as AMQP: "
+                            f"{_describe(exc)} (exchange, routing key, message id and type "
+                            "must each fit in 255 bytes)"
+                        ),
+                    )
+                    continue
                 self._next_tag += 1
                 self._waiting[self._next_tag] = index
         except pika.exceptions.AMQPError as exc:

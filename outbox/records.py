@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from outbox import messages, naming
-from outbox.errors import OutboxConfigError, RecordDecodeError
+from outbox.errors import MessageEncodeError, OutboxConfigError, RecordDecodeError
 
 RECORD_FORMAT = 1
 """Version of the record layout written by this release; newer ones are rejected."""
@@ -60,6 +60,9 @@ def record_for(message: messages.Message, *, organization: str, service: str) ->
     exchange, routing_key = naming.route(
         organization, service, message.version, message.message_kind, message.message_name
     )
+    message_id = message.id
+    if not isinstance(message_id, str) or len(message_id) > _SAFE_SHORT_STRING:
+        _check_short_string("message id", message_id, message_id)
     return OutboxRecord(
         exchange=exchange,
         routing_key=routing_key,
@@ -69,6 +72,23 @@ def record_for(message: messages.Message, *, organization: str, service: str) ->
         timestamp_s=int(message.occurred_on.timestamp()),
         stored_at_ms=time.time_ns() // 1_000_000,
     )
+
+
+# A string of up to 63 characters fits in an AMQP short string whatever its UTF-8 length.
+_SAFE_SHORT_STRING = naming.AMQP_SHORT_STRING_BYTES // 4
+
+
+def _check_short_string(what: str, value: object, message_id: object) -> None:
+    if not isinstance(value, str):
+        raise MessageEncodeError(
+            f"the {what} of message {message_id!r} must be a str, got {type(value).__name__}"
+        )
+    size = len(value.encode())
+    if size > naming.AMQP_SHORT_STRING_BYTES:
+        raise MessageEncodeError(
+            f"the {what} of message {message_id!r} has {size} bytes, more than the "
+            f"{naming.AMQP_SHORT_STRING_BYTES} AMQP allows; shorten it"
+        )
 
 
 def encode_record(record: OutboxRecord) -> bytes:

@@ -267,3 +267,27 @@ def test_drainer_with_one_outbox_claims_the_next_batch_ahead(redis_client, rabbi
     assert stats.leased == 10
     assert stats.pending == 10
     assert Outbox(redis_client, name).stats().waiting == 10
+
+
+def test_record_pika_cannot_encode_is_dead_lettered(redis_client, rabbit, amqp_url):
+    # A routing key over AMQP's 255 bytes fails the message alone: the others are published
+    # once, and it uses its attempts instead of passing for a broker outage.
+    organization = rabbit.organization()
+    queue = rabbit.bind_queue(f"{organization}.billing")
+    outbox = Outbox(redis_client, f"{organization}.billing.events")
+    before = fill_outbox(redis_client, organization, 2)
+    long_key = OutboxRecord(
+        exchange=f"{organization}.billing", routing_key="k" * 300, body=b"{}", message_id="long"
+    )
+    outbox.push([encode_record(long_key)])
+    after = fill_outbox(redis_client, organization, 2)
+    settings = DrainSettings(max_attempts=2, retry_delay_ms=10)
+    drainer = Drainer(redis_client, RabbitMqConnector(amqp_url), settings)
+
+    drainer.drain_once()
+    drainer.close()
+
+    [letter] = outbox.dead_letters()
+    received = [p.message_id for _, p, _ in rabbit.consume_all(queue, expected=4)]
+    assert "255 bytes" in letter.reason
+    assert sorted(received) == sorted(event.id for event in before + after)

@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from outbox import Command, DomainEvent, MessageEncodeError, RecordDecodeError, decode, encode
+from outbox import (
+    Command,
+    DomainEvent,
+    MessageEncodeError,
+    OutboxConfigError,
+    RecordDecodeError,
+    decode,
+    encode,
+)
 from outbox.messages import TIME_FORMAT, UnknownMessage, _wire_value, format_time
 from outbox.naming import exchange_name, message_name, outbox_name, routing_key
 from outbox.records import OutboxRecord, decode_record, encode_record, record_for
@@ -279,3 +287,15 @@ def test_value_that_contains_itself_is_rejected() -> None:
 
     with pytest.raises(MessageEncodeError, match="Anything"):
         encode(Anything(value=loop))
+
+
+def test_routing_key_over_255_bytes_is_rejected() -> None:
+    long_name = type("Long" + "Named" * 60, (DomainEvent,), {"__annotations__": {}})
+
+    with pytest.raises(OutboxConfigError, match="more than the 255 AMQP allows"):
+        record_for(long_name(), organization="acme", service="shop")
+
+
+def test_message_id_over_255_bytes_is_rejected() -> None:
+    with pytest.raises(MessageEncodeError, match=r"message id .* more than the 255"):
+        record_for(UserCreated(user_id="1", id="é" * 200), organization="acme", service="shop")
