@@ -415,7 +415,7 @@ class _RabbitMqBus(Generic[M]):
         try:
             results = self._publisher.publish(records)
         except BrokerError as exc:
-            if isinstance(exc, BrokerUnavailableError):
+            if isinstance(exc, _OUTAGE_ERRORS):
                 self._open_breaker(exc)
             return [PublishResult(PublishStatus.FAILED, exc) for _ in records]
         outage = None

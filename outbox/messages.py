@@ -189,8 +189,10 @@ _PLAIN_TYPES = (str, bool, type(None))
 
 
 def _plain_attributes(message: Message) -> dict[str, Any] | None:
-    """Return the attributes as they are when each is a str, finite float, bool, None or
-    64-bit int, the values that need no conversion; return None otherwise."""
+    """Return the attributes as they are, or None when one needs converting.
+
+    Values that need no conversion are str, finite float, bool, None and 64-bit int.
+    """
     cls = type(message)
     names = _attribute_names_of.get(cls)
     if names is None:

@@ -68,11 +68,11 @@ def _route(
     # Buses route every message; the names are checked and joined once per message type.
     exchange = _checked_exchange_name(organization, service)
     key = f"{exchange}.{version}.{kind}.{name.replace('.', '_')}"
-    for what, value in (("exchange", exchange), ("routing key", key)):
+    for label, value in (("exchange", exchange), ("routing key", key)):
         size = len(value.encode())
         if size > AMQP_SHORT_STRING_BYTES:
             raise OutboxConfigError(
-                f"{what} {value[:60]!r}... has {size} bytes, more than the "
+                f"{label} {value[:60]!r}... has {size} bytes, more than the "
                 f"{AMQP_SHORT_STRING_BYTES} AMQP allows; shorten the organization, the service "
                 "or the message name"
             )

@@ -44,7 +44,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 _PRECONDITION_FAILED = 406
 _NOT_FOUND = 404
 _CLOSE_WAIT_S = 1.0
-# Longest timeout accepted, one day: longer ones are mistakes, and overflow in milliseconds.
+# Maximum timeout, one day: longer ones are mistakes and overflow when turned into milliseconds.
 _MAX_TIMEOUT_S = 86_400
 # Errors pika raises while it encodes one message, before sending any of it.
 _UNSENDABLE = (
@@ -358,7 +358,7 @@ class ConfirmingPublisher:
 
         An exchange that already exists with other arguments is used as it is. Raises
         ChannelClosedError when RabbitMQ refuses the declare (access refused, say), and
-        BrokerUnavailableError when it does not answer or the connection is lost.
+        BrokerUnavailableError when it does not reply in time or the connection is lost.
         """
         if exchange in self._declared or exchange == "":
             return
@@ -475,13 +475,17 @@ class ConfirmingPublisher:
                     )
                 except _UNSENDABLE as exc:
                     # pika encodes all frames of a message before it sends any, so nothing
-                    # of this one was sent; the message itself is at fault, not the broker.
+                    # of this one was sent. The message itself is at fault, not the broker.
+                    hint = (
+                        " (exchange, routing key, message id and type must each fit in 255 bytes)"
+                        if isinstance(exc, pika.exceptions.ShortStringTooLong)
+                        else ""
+                    )
                     self._results[index] = PublishResult(
                         PublishStatus.REJECTED,
                         BrokerError(
                             f"message {record.message_id!r} cannot be sent as AMQP: "
-                            f"{_describe(exc)} (exchange, routing key, message id and type "
-                            "must each fit in 255 bytes)"
+                            f"{_describe(exc)}{hint}"
                         ),
                     )
                     continue

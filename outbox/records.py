@@ -78,15 +78,15 @@ def record_for(message: messages.Message, *, organization: str, service: str) ->
 _SAFE_SHORT_STRING = naming.AMQP_SHORT_STRING_BYTES // 4
 
 
-def _check_short_string(what: str, value: object, message_id: object) -> None:
+def _check_short_string(field: str, value: object, message_id: object) -> None:
     if not isinstance(value, str):
         raise MessageEncodeError(
-            f"the {what} of message {message_id!r} must be a str, got {type(value).__name__}"
+            f"the {field} of message {message_id!r} must be a str, got {type(value).__name__}"
         )
     size = len(value.encode())
     if size > naming.AMQP_SHORT_STRING_BYTES:
         raise MessageEncodeError(
-            f"the {what} of message {message_id!r} has {size} bytes, more than the "
+            f"the {field} of message {message_id!r} has {size} bytes, more than the "
             f"{naming.AMQP_SHORT_STRING_BYTES} AMQP allows; shorten it"
         )
 

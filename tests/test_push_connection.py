@@ -60,7 +60,7 @@ def test_pushes_share_one_connection_per_pool(server: RedisServer) -> None:
 
 def test_other_clients_get_no_push_connection(server: RedisServer) -> None:
     single = redis.Redis(host="127.0.0.1", port=server.port, single_connection_client=True)
-    # Sentinel's pool asks the sentinels for the primary when it connects; nothing
+    # Sentinel's pool queries the sentinels for the primary when it connects; nothing
     # listens on this port and nothing connects here.
     sentinel = Sentinel([("127.0.0.1", free_port())]).master_for("primary")
 
