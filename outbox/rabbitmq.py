@@ -20,10 +20,10 @@ from typing import Any
 
 import pika
 import pika.exceptions
-from pika.adapters.select_connection import SelectConnection
 from pika.spec import Basic
 
 from outbox import _fork
+from outbox._sending import EagerSendConnection
 from outbox.errors import (
     BrokerError,
     BrokerUnavailableError,
@@ -171,7 +171,7 @@ class ConfirmingPublisher:
 
     def __init__(self, connector: RabbitMqConnector) -> None:
         self.connector = connector
-        self._connection: SelectConnection | None = None
+        self._connection: EagerSendConnection | None = None
         self._channel: Any = None
         self._connection_error: BaseException | None = None
         self._channel_error: ChannelClosedError | None = None
@@ -271,7 +271,7 @@ class ConfirmingPublisher:
         def on_open_error(_connection: Any, error: BaseException | str) -> None:
             failure.append(error if isinstance(error, BaseException) else RuntimeError(error))
 
-        connection = SelectConnection(
+        connection = EagerSendConnection(
             self.connector.parameters,
             on_open_callback=on_open,
             on_open_error_callback=on_open_error,
