@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
+from urllib.parse import urlsplit
 
 import redis
 import redis.exceptions as redis_errors
@@ -492,11 +493,27 @@ def connect(url: str, **options: Any) -> redis.Redis:
     redis-py's own retries are off, so ``Outbox.retry_for_s`` alone bounds how long an
     operation retries.
     """
+    _check_database(url)
     options.setdefault("retry", Retry(NoBackoff(), 0))
     options.setdefault("socket_timeout", 5.0)
     options.setdefault("socket_connect_timeout", 2.0)
     options.setdefault("health_check_interval", 30)
     return redis.Redis.from_url(url, decode_responses=False, **options)
+
+
+def _check_database(url: str) -> None:
+    """Raise ValueError when the path of a redis:// or rediss:// URL is not a database number.
+
+    redis-py ignores such a path, so ``redis://host/abc`` would silently use database 0.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        return
+    database = parts.path.removeprefix("/")
+    if database and not (database.isascii() and database.isdigit()):
+        raise ValueError(
+            f"the URL path {parts.path!r} is not a database number; write redis://host:port/0"
+        )
 
 
 def _text(value: bytes | str) -> str:
