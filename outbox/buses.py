@@ -39,6 +39,7 @@ from outbox.rabbitmq import (
     PublishResult,
     PublishStatus,
     RabbitMqConnector,
+    check_max_message_bytes,
 )
 from outbox.records import OutboxRecord, record_for
 from outbox.store import DEFAULT_RETRY_FOR_S, Outbox
@@ -288,10 +289,7 @@ class _RabbitMqBus(Generic[M]):
                 f"the fallback of a {type(self).__name__} must store {self.kind}s, got "
                 f"{type(fallback).__name__}; use Redis{'DomainEvent' if self.kind == 'event' else 'Command'}Bus"
             )
-        if max_message_bytes < 1:
-            raise OutboxConfigError(
-                f"max_message_bytes must be at least 1, got {max_message_bytes}"
-            )
+        check_max_message_bytes(max_message_bytes)
         if retry_interval_s < 0:
             raise OutboxConfigError(
                 f"retry_interval_s must not be negative, got {retry_interval_s}"

@@ -30,7 +30,12 @@ from outbox.drain import (
     DrainSettings,
 )
 from outbox.errors import OutboxConfigError, OutboxError
-from outbox.rabbitmq import DEFAULT_AMQP_URL, DEFAULT_MAX_MESSAGE_BYTES, RabbitMqConnector
+from outbox.rabbitmq import (
+    DEFAULT_AMQP_URL,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    RabbitMqConnector,
+    check_max_message_bytes,
+)
 from outbox.records import decode_record
 from outbox.store import DEFAULT_MAX_ATTEMPTS, Outbox, OutboxStats, connect, discover_outboxes
 
@@ -397,8 +402,10 @@ def drain_command(argv: Sequence[str] | None = None) -> int:
     parser = drain_parser()
     args = parser.parse_args(argv)
     _check_choices(parser, args)
-    if args.max_message_bytes < 1:
-        parser.error(f"--max-message-bytes must be at least 1, got {args.max_message_bytes}")
+    try:
+        check_max_message_bytes(args.max_message_bytes, "--max-message-bytes")
+    except OutboxConfigError as exc:
+        parser.error(str(exc))
     if not (args.max_outage_s >= 0 and math.isfinite(args.max_outage_s)):
         parser.error(f"--max-outage-s must be a finite number, 0 or more, got {args.max_outage_s}")
     if not 0 <= args.metrics_port <= 65535:

@@ -36,6 +36,7 @@ from outbox.rabbitmq import (
     ConfirmingPublisher,
     PublishStatus,
     RabbitMqConnector,
+    check_max_message_bytes,
 )
 from outbox.records import OutboxRecord, decode_record
 from outbox.store import (
@@ -53,6 +54,8 @@ DEFAULT_BATCH_SIZE = 500
 DEFAULT_LEASE_MS = 30_000
 # A message that failed by itself (unroutable, too large) waits this long before its next try.
 DEFAULT_RETRY_DELAY_MS = 1_000
+# Maximum lease and retry delay. Longer values are mistakes that would hide messages for days.
+_DAY_MS = 86_400_000
 _IDLE_WAIT_MIN_S = 0.05
 _IDLE_WAIT_MAX_S = 0.5
 _BACKOFF_MIN_S = 0.5
@@ -100,12 +103,17 @@ class DrainSettings:
             raise OutboxConfigError(
                 f"batch size must be between 1 and 10000, got {self.batch_size}"
             )
-        if self.lease_ms < 100:
-            raise OutboxConfigError(f"lease must be at least 100 ms, got {self.lease_ms}")
+        if not 100 <= self.lease_ms <= _DAY_MS:
+            raise OutboxConfigError(
+                f"lease must be from 100 ms to one day ({_DAY_MS} ms), got {self.lease_ms}"
+            )
         if self.max_attempts < 1:
             raise OutboxConfigError(f"max attempts must be at least 1, got {self.max_attempts}")
-        if self.retry_delay_ms < 0:
-            raise OutboxConfigError(f"retry delay must not be negative, got {self.retry_delay_ms}")
+        if not 0 <= self.retry_delay_ms <= _DAY_MS:
+            raise OutboxConfigError(
+                f"retry delay must be from 0 to one day ({_DAY_MS} ms), got {self.retry_delay_ms}"
+            )
+        check_max_message_bytes(self.max_message_bytes)
 
 
 class Drainer:

@@ -41,6 +41,8 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 PERSISTENT_DELIVERY_MODE = 2
 # RabbitMQ's own default for max_message_size since 3.8 (128 MiB); larger bodies close the channel.
 DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
+# RabbitMQ caps max_message_size at 512 MiB, whatever value its configuration sets.
+MAX_MESSAGE_BYTES_LIMIT = 512 * 1024 * 1024
 _PRECONDITION_FAILED = 406
 _NOT_FOUND = 404
 _CLOSE_WAIT_S = 1.0
@@ -155,6 +157,15 @@ class RabbitMqConnector:
     def publisher(self) -> ConfirmingPublisher:
         """Return a publisher that connects on first use."""
         return ConfirmingPublisher(self)
+
+
+def check_max_message_bytes(value: int, option: str = "max_message_bytes") -> None:
+    """Raise OutboxConfigError unless ``value`` is a body size RabbitMQ can accept."""
+    if not 1 <= value <= MAX_MESSAGE_BYTES_LIMIT:
+        raise OutboxConfigError(
+            f"{option} must be from 1 to {MAX_MESSAGE_BYTES_LIMIT} (512 MiB, RabbitMQ's limit), "
+            f"got {value}"
+        )
 
 
 def _redact(url: str) -> str:
