@@ -132,7 +132,7 @@ def _add_redis_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="NAME",
         default=None,
-        help="outbox to work on, repeatable (env OUTBOX_OUTBOXES, comma-separated; "
+        help="outbox to work on, repeatable or comma-separated (env OUTBOX_OUTBOXES; "
         "default: every outbox found in Redis)",
     )
 
@@ -187,7 +187,8 @@ def redis_client(args: argparse.Namespace) -> Any:
 def _outbox_names(args: argparse.Namespace) -> list[str]:
     """Return the outboxes of --outbox or OUTBOX_OUTBOXES; exit 2 when a name is empty."""
     if args.outboxes is not None:
-        names, source = list(args.outboxes), "--outbox"
+        names = [name.strip() for given in args.outboxes for name in given.split(",")]
+        source = "--outbox"
     else:
         from_env = os.environ.get("OUTBOX_OUTBOXES", "")
         if not from_env.strip():

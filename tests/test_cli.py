@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,13 +41,15 @@ def run_drain(args: list[str], env: dict[str, str] | None = None) -> subprocess.
         (["--confirm-timeout-s", "nan"], {}, "confirm_timeout_s must be more than 0 and at most"),
         (["--metrics-port", "70000"], {}, "--metrics-port must be a port from 1 to 65535"),
         (["--outbox", ""], {}, "--outbox contains an empty outbox name"),
+        (["--outbox", "acme.a.events,"], {}, "--outbox contains an empty outbox name"),
         ([], {"OUTBOX_OUTBOXES": ",,"}, "OUTBOX_OUTBOXES contains an empty outbox name"),
         ([], {"OUTBOX_OUTBOXES": "acme.a.events,,acme.b.events"}, "an empty outbox name"),
     ],
     ids=["once-word", "log-format", "batch-size-word", "redis-url", "redis-db-word", "amqp-url", "amqp-scheme",
          "max-message-bytes", "max-message-bytes-huge", "max-outage", "max-outage-inf", "lease", "lease-huge", "retry-delay-huge", "connect-timeout-inf",
          "connect-timeout-huge",
-         "confirm-timeout-nan", "metrics-port", "outbox-empty", "outboxes-env-empty",
+         "confirm-timeout-nan", "metrics-port", "outbox-empty", "outbox-list-gap",
+         "outboxes-env-empty",
          "outboxes-env-gap"],
 )
 def test_invalid_drain_option_exits_2_with_message(redis_url, args, env, message):
@@ -94,6 +97,22 @@ def test_dead_list_rejects_limit_below_one(redis_url, limit):
     )
     assert result.returncode == 2
     assert f"must be 1 or more, got {limit}" in result.stderr
+
+
+def test_comma_separated_outboxes_are_each_counted(redis_url, redis_client):
+    from outbox.store import Outbox
+
+    Outbox(redis_client, "acme.one.events").push([b"x"])
+    Outbox(redis_client, "acme.two.events").push([b"x", b"y"])
+    result = subprocess.run(
+        [sys.executable, "-m", "outbox", "stats", "--json", "--outbox",
+         "acme.one.events,acme.two.events", "--redis-url", redis_url],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    outboxes = json.loads(result.stdout)["outboxes"]
+    pending = {name: counts["pending"] for name, counts in outboxes.items()}
+    assert pending == {"acme.one.events": 1, "acme.two.events": 2}
 
 
 def test_unknown_outbox_name_exits_1_naming_it(redis_url, redis_client):
