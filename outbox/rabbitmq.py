@@ -471,6 +471,28 @@ class ConfirmingPublisher:
                 records, refused, keepalive=keepalive, keepalive_interval_s=keepalive_interval_s
             )
 
+        try:
+            return self._send_and_wait(
+                records, keepalive=keepalive, keepalive_interval_s=keepalive_interval_s
+            )
+        except BaseException:
+            # An exception raised inside pika, such as one from a signal handler, can leave
+            # a message sent but not counted, so later confirms would match the wrong
+            # messages. A new connection numbers its delivery tags from 1 again.
+            self._discard_connection()
+            raise
+        finally:
+            self._batch = ()
+            self._results = []
+
+    def _send_and_wait(
+        self,
+        records: Sequence[OutboxRecord],
+        *,
+        keepalive: Callable[[], None] | None,
+        keepalive_interval_s: float,
+    ) -> list[PublishResult]:
+        """Send the records on the open channel and wait for their confirms."""
         self._batch = records
         self._results = [None] * len(records)
         self._waiting = {}
@@ -542,8 +564,6 @@ class ConfirmingPublisher:
         ]
         if self._probing and any(result.confirmed for result in results):
             self._probing = False
-        self._batch = ()
-        self._results = []
         return results
 
     def _publish_without(

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 
+import pytest
+
+import outbox.rabbitmq
 from outbox import RabbitMqConnector
-from outbox._sending import idle_plaintext_socket
+from outbox._sending import EagerSendConnection, idle_plaintext_socket
 from outbox.rabbitmq import PublishStatus
 from outbox.records import OutboxRecord
 
@@ -58,3 +62,43 @@ def test_large_bodies_arrive_whole_in_order(rabbit, amqp_url):
 def test_transports_other_than_plaintext_use_pikas_buffer():
     assert idle_plaintext_socket(None) is None
     assert idle_plaintext_socket(object()) is None
+
+
+class Interrupted(Exception):
+    """An exception a signal handler raises right after a message was sent."""
+
+
+class InterruptedOnce(EagerSendConnection):
+    armed = True
+
+    def _output_marshaled_frames(self, marshaled_frames: Sequence[bytes]) -> None:
+        super()._output_marshaled_frames(marshaled_frames)
+        if InterruptedOnce.armed and len(marshaled_frames) == 3:
+            InterruptedOnce.armed = False
+            raise Interrupted("raised after the message was sent")
+
+
+def test_interrupted_publish_keeps_confirms_matched(rabbit, amqp_url, monkeypatch):
+    exchange = f"{rabbit.organization()}.shop"
+    queue = f"{exchange}.full"
+    rabbit.queues.add(queue)
+    rabbit.exchanges.add(exchange)
+    with rabbit.channel() as channel:
+        channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+        # The queue takes one message and nacks every later one.
+        channel.queue_declare(
+            queue, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+        )
+        channel.queue_bind(queue, exchange, routing_key="#")
+    monkeypatch.setattr(outbox.rabbitmq, "EagerSendConnection", InterruptedOnce)
+    publisher = RabbitMqConnector(amqp_url).publisher()
+    publisher.declare_exchange(exchange)
+    [sent, refused] = _records(exchange, [b"sent", b"refused"])
+
+    with pytest.raises(Interrupted):
+        publisher.publish([sent])
+    [result] = publisher.publish([refused])
+    publisher.close()
+
+    assert result.status is PublishStatus.NACKED
+    assert [body for _, _, body in rabbit.consume_all(queue, expected=1)] == [b"sent"]
