@@ -255,7 +255,8 @@ class ConfirmingPublisher:
         self._probing = False
         self._waiting = {}
 
-    def _discard_connection(self) -> None:
+    def _discard_connection(self, *, abort_reason: str | None = None) -> None:
+        """Close the connection and forget it; with ``abort_reason``, without a close frame."""
         connection = self._connection
         self._connection = None
         self._channel = None
@@ -265,7 +266,10 @@ class ConfirmingPublisher:
             ioloop = connection.ioloop
             if not connection.is_closed:
                 try:
-                    connection.close()
+                    if abort_reason is not None:
+                        connection.abort(abort_reason)
+                    else:
+                        connection.close()
                     self._run_loop_until(ioloop, lambda: connection.is_closed, _CLOSE_WAIT_S)
                 except pika.exceptions.AMQPError:
                     pass
@@ -427,6 +431,27 @@ class ConfirmingPublisher:
         drainer renews its leases there. Returns one result per record, in order. Raises
         BrokerUnavailableError, having sent nothing, when no connection can be opened.
         """
+        try:
+            return self._publish(
+                records, keepalive=keepalive, keepalive_interval_s=keepalive_interval_s
+            )
+        except BaseException:
+            # An exception raised inside pika, such as one from a signal handler, can leave
+            # a message sent but not counted, or a frame sent in part. Either would corrupt
+            # what follows on this connection, so it is closed without another byte.
+            self._discard_connection(abort_reason="an exception interrupted a publish")
+            raise
+        finally:
+            self._batch = ()
+            self._results = []
+
+    def _publish(
+        self,
+        records: Sequence[OutboxRecord],
+        *,
+        keepalive: Callable[[], None] | None,
+        keepalive_interval_s: float,
+    ) -> list[PublishResult]:
         if not records:
             return []
         if self._probing and len(records) > 1:
@@ -471,19 +496,9 @@ class ConfirmingPublisher:
                 records, refused, keepalive=keepalive, keepalive_interval_s=keepalive_interval_s
             )
 
-        try:
-            return self._send_and_wait(
-                records, keepalive=keepalive, keepalive_interval_s=keepalive_interval_s
-            )
-        except BaseException:
-            # An exception raised inside pika, such as one from a signal handler, can leave
-            # a message sent but not counted, so later confirms would match the wrong
-            # messages. A new connection numbers its delivery tags from 1 again.
-            self._discard_connection()
-            raise
-        finally:
-            self._batch = ()
-            self._results = []
+        return self._send_and_wait(
+            records, keepalive=keepalive, keepalive_interval_s=keepalive_interval_s
+        )
 
     def _send_and_wait(
         self,

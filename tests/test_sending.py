@@ -9,7 +9,7 @@ import pytest
 
 import outbox.rabbitmq
 from outbox import RabbitMqConnector
-from outbox._sending import EagerSendConnection, idle_plaintext_socket
+from outbox._sending import JOIN_MAX_BYTES, EagerSendConnection, idle_plaintext_socket
 from outbox.rabbitmq import PublishStatus
 from outbox.records import OutboxRecord
 
@@ -46,7 +46,8 @@ def test_large_bodies_arrive_whole_in_order(rabbit, amqp_url):
     sock = idle_plaintext_socket(publisher._connection._transport)
     assert sock is not None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    bodies = [bytes([n]) * (300_000 + n) for n in range(4)] + [b"small"]
+    # Joined messages larger than the send buffer, so each is sent in part and buffered.
+    bodies = [bytes([n]) * (100_000 + n) for n in range(4)] + [b"small"]
 
     publisher._channel.basic_publish(exchange=exchange, routing_key="parcel", body=bodies[0])
     left_to_pika = publisher._connection._transport.get_write_buffer_size()
@@ -57,6 +58,26 @@ def test_large_bodies_arrive_whole_in_order(rabbit, amqp_url):
     assert [result.status for result in results] == [PublishStatus.CONFIRMED] * 4
     received = rabbit.consume_all(queue, expected=5)
     assert [body for _, _, body in received] == bodies
+
+
+def test_large_message_goes_to_pika_frame_by_frame(rabbit, amqp_url):
+    exchange = f"{rabbit.organization()}.shop"
+    queue = rabbit.bind_queue(exchange)
+    publisher = RabbitMqConnector(amqp_url).publisher()
+    publisher.declare_exchange(exchange)
+    transport = publisher._connection._transport
+    idle_plaintext_socket(transport).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    body = bytes(range(256)) * 4096
+
+    publisher._channel.basic_publish(exchange=exchange, routing_key="parcel", body=body)
+    # pika copies the rest of a chunk after each partial send, so no chunk may be large.
+    largest_chunk = max(len(chunk) for chunk in transport._tx_buffers)
+    [result] = publisher.publish(_records(exchange, [b"after"]))
+    publisher.close()
+
+    assert largest_chunk <= JOIN_MAX_BYTES
+    assert result.status is PublishStatus.CONFIRMED
+    assert [body for _, _, body in rabbit.consume_all(queue, expected=2)] == [body, b"after"]
 
 
 def test_transports_other_than_plaintext_use_pikas_buffer():
@@ -86,9 +107,7 @@ def test_interrupted_publish_keeps_confirms_matched(rabbit, amqp_url, monkeypatc
     with rabbit.channel() as channel:
         channel.exchange_declare(exchange, exchange_type="topic", durable=True)
         # The queue takes one message and nacks every later one.
-        channel.queue_declare(
-            queue, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
-        )
+        channel.queue_declare(queue, arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
         channel.queue_bind(queue, exchange, routing_key="#")
     monkeypatch.setattr(outbox.rabbitmq, "EagerSendConnection", InterruptedOnce)
     publisher = RabbitMqConnector(amqp_url).publisher()
@@ -102,3 +121,39 @@ def test_interrupted_publish_keeps_confirms_matched(rabbit, amqp_url, monkeypatc
 
     assert result.status is PublishStatus.NACKED
     assert [body for _, _, body in rabbit.consume_all(queue, expected=1)] == [b"sent"]
+
+
+class InterruptedHandOff(EagerSendConnection):
+    armed = True
+
+    def _adapter_emit_data(self, data: bytes) -> None:
+        if InterruptedHandOff.armed:
+            InterruptedHandOff.armed = False
+            raise Interrupted("raised after a partial send, before the rest was buffered")
+        super()._adapter_emit_data(data)
+
+
+def test_torn_frame_closes_the_connection(rabbit, amqp_url, monkeypatch):
+    exchange = f"{rabbit.organization()}.shop"
+    queue = rabbit.bind_queue(exchange)
+    monkeypatch.setattr(outbox.rabbitmq, "EagerSendConnection", InterruptedHandOff)
+    publisher = RabbitMqConnector(amqp_url).publisher()
+    publisher.declare_exchange(exchange)
+    torn_connection = publisher._connection
+    sock = idle_plaintext_socket(torn_connection._transport)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    # 0xCE ends an AMQP frame: on the torn connection these bytes would complete the
+    # frame cut short, and RabbitMQ would route it with a body made of both messages.
+    torn, filler = _records(exchange, [b"A" * 100_000, b"\xce" * 300_000])
+
+    with pytest.raises(Interrupted):
+        publisher.publish([torn])
+    [result] = publisher.publish([filler])
+    publisher.close()
+
+    assert torn_connection.is_closed
+    assert result.status is PublishStatus.CONFIRMED
+    received = {
+        properties.message_id: body for _, properties, body in rabbit.consume_all(queue, expected=1)
+    }
+    assert received == {filler.message_id: filler.body}
