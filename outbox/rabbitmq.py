@@ -430,6 +430,7 @@ class ConfirmingPublisher:
         While waiting, ``keepalive`` is called every ``keepalive_interval_s`` seconds; the
         drainer renews its leases there. Returns one result per record, in order. Raises
         BrokerUnavailableError, having sent nothing, when no connection can be opened.
+        Any exception that escapes closes the connection; the next call opens a new one.
         """
         try:
             return self._publish(
@@ -496,18 +497,6 @@ class ConfirmingPublisher:
                 records, refused, keepalive=keepalive, keepalive_interval_s=keepalive_interval_s
             )
 
-        return self._send_and_wait(
-            records, keepalive=keepalive, keepalive_interval_s=keepalive_interval_s
-        )
-
-    def _send_and_wait(
-        self,
-        records: Sequence[OutboxRecord],
-        *,
-        keepalive: Callable[[], None] | None,
-        keepalive_interval_s: float,
-    ) -> list[PublishResult]:
-        """Send the records on the open channel and wait for their confirms."""
         self._batch = records
         self._results = [None] * len(records)
         self._waiting = {}

@@ -10,7 +10,7 @@ import pytest
 import outbox.rabbitmq
 from outbox import RabbitMqConnector
 from outbox._sending import JOIN_MAX_BYTES, EagerSendConnection, idle_plaintext_socket
-from outbox.rabbitmq import PublishStatus
+from outbox.rabbitmq import ConfirmingPublisher, PublishStatus
 from outbox.records import OutboxRecord
 
 
@@ -21,11 +21,26 @@ def _records(exchange: str, bodies: list[bytes]) -> list[OutboxRecord]:
     ]
 
 
-def test_message_leaves_before_the_next_poll(rabbit, amqp_url):
+def _connected_publisher(
+    rabbit, amqp_url: str, *, send_buffer: int | None = None
+) -> tuple[str, str, ConfirmingPublisher]:
+    """Return an exchange, a queue bound to it and a publisher connected to the exchange.
+
+    ``send_buffer`` sets the socket's SO_SNDBUF, so that larger messages are sent in part.
+    """
     exchange = f"{rabbit.organization()}.shop"
     queue = rabbit.bind_queue(exchange)
     publisher = RabbitMqConnector(amqp_url).publisher()
     publisher.declare_exchange(exchange)
+    if send_buffer is not None:
+        sock = idle_plaintext_socket(publisher._connection._transport)
+        assert sock is not None
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    return exchange, queue, publisher
+
+
+def test_message_leaves_before_the_next_poll(rabbit, amqp_url):
+    exchange, queue, publisher = _connected_publisher(rabbit, amqp_url)
     transport = publisher._connection._transport
     assert idle_plaintext_socket(transport) is not None
 
@@ -39,13 +54,7 @@ def test_message_leaves_before_the_next_poll(rabbit, amqp_url):
 
 
 def test_large_bodies_arrive_whole_in_order(rabbit, amqp_url):
-    exchange = f"{rabbit.organization()}.shop"
-    queue = rabbit.bind_queue(exchange)
-    publisher = RabbitMqConnector(amqp_url).publisher()
-    publisher.declare_exchange(exchange)
-    sock = idle_plaintext_socket(publisher._connection._transport)
-    assert sock is not None
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    exchange, queue, publisher = _connected_publisher(rabbit, amqp_url, send_buffer=4096)
     # Joined messages larger than the send buffer, so each is sent in part and buffered.
     bodies = [bytes([n]) * (100_000 + n) for n in range(4)] + [b"small"]
 
@@ -61,12 +70,8 @@ def test_large_bodies_arrive_whole_in_order(rabbit, amqp_url):
 
 
 def test_large_message_goes_to_pika_frame_by_frame(rabbit, amqp_url):
-    exchange = f"{rabbit.organization()}.shop"
-    queue = rabbit.bind_queue(exchange)
-    publisher = RabbitMqConnector(amqp_url).publisher()
-    publisher.declare_exchange(exchange)
+    exchange, queue, publisher = _connected_publisher(rabbit, amqp_url, send_buffer=4096)
     transport = publisher._connection._transport
-    idle_plaintext_socket(transport).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     body = bytes(range(256)) * 4096
 
     publisher._channel.basic_publish(exchange=exchange, routing_key="parcel", body=body)
@@ -90,6 +95,8 @@ class Interrupted(Exception):
 
 
 class InterruptedOnce(EagerSendConnection):
+    """A connection that raises Interrupted once, right after it sent a whole message."""
+
     armed = True
 
     def _output_marshaled_frames(self, marshaled_frames: Sequence[bytes]) -> None:
@@ -109,6 +116,7 @@ def test_interrupted_publish_keeps_confirms_matched(rabbit, amqp_url, monkeypatc
         # The queue takes one message and nacks every later one.
         channel.queue_declare(queue, arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
         channel.queue_bind(queue, exchange, routing_key="#")
+    monkeypatch.setattr(InterruptedOnce, "armed", True)
     monkeypatch.setattr(outbox.rabbitmq, "EagerSendConnection", InterruptedOnce)
     publisher = RabbitMqConnector(amqp_url).publisher()
     publisher.declare_exchange(exchange)
@@ -124,6 +132,8 @@ def test_interrupted_publish_keeps_confirms_matched(rabbit, amqp_url, monkeypatc
 
 
 class InterruptedHandOff(EagerSendConnection):
+    """A connection that raises Interrupted once, after a partial send and before buffering the rest."""
+
     armed = True
 
     def _adapter_emit_data(self, data: bytes) -> None:
@@ -134,14 +144,10 @@ class InterruptedHandOff(EagerSendConnection):
 
 
 def test_torn_frame_closes_the_connection(rabbit, amqp_url, monkeypatch):
-    exchange = f"{rabbit.organization()}.shop"
-    queue = rabbit.bind_queue(exchange)
+    monkeypatch.setattr(InterruptedHandOff, "armed", True)
     monkeypatch.setattr(outbox.rabbitmq, "EagerSendConnection", InterruptedHandOff)
-    publisher = RabbitMqConnector(amqp_url).publisher()
-    publisher.declare_exchange(exchange)
+    exchange, queue, publisher = _connected_publisher(rabbit, amqp_url, send_buffer=4096)
     torn_connection = publisher._connection
-    sock = idle_plaintext_socket(torn_connection._transport)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     # 0xCE ends an AMQP frame: on the torn connection these bytes would complete the
     # frame cut short, and RabbitMQ would route it with a body made of both messages.
     torn, filler = _records(exchange, [b"A" * 100_000, b"\xce" * 300_000])
