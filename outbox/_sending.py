@@ -24,7 +24,7 @@ from pika.adapters.utils import io_services_utils
 from pika.exceptions import StreamLostError
 
 _PLAINTEXT_TRANSPORT: type | None = getattr(io_services_utils, "_AsyncPlaintextTransport", None)
-# Largest message sent joined, the size of pika's default frame_max.
+# Maximum size of a message whose frames are joined: pika's default frame_max.
 JOIN_MAX_BYTES = 131_072
 
 

@@ -165,7 +165,7 @@ def test_too_large_message_is_rejected_before_anything_is_stored(redis_client):
 
 
 @pytest.mark.parametrize("max_message_bytes", [0, 512 * 1024 * 1024 + 1])
-def test_max_message_bytes_outside_rabbitmq_range_is_rejected(max_message_bytes):
+def test_max_message_bytes_out_of_range_rejected(max_message_bytes):
     with pytest.raises(OutboxConfigError, match="max_message_bytes must be from 1 to 536870912"):
         RabbitMqDomainEventBus(
             "acme", "shop", unreachable_connector(), max_message_bytes=max_message_bytes

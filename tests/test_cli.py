@@ -99,7 +99,7 @@ def test_dead_list_rejects_limit_below_one(redis_url, limit):
     assert f"must be 1 or more, got {limit}" in result.stderr
 
 
-def test_comma_separated_outboxes_are_each_counted(redis_url, redis_client):
+def test_stats_splits_comma_separated_outboxes(redis_url, redis_client):
     from outbox.store import Outbox
 
     Outbox(redis_client, "acme.one.events").push([b"x"])
